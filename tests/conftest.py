@@ -1,0 +1,83 @@
+"""Shared fixtures: a tiny random BERT with its own word-level vocabulary, and tiny data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+TOPICS = [
+    "apple", "river", "engine", "violin", "planet", "castle", "winter", "doctor", "garden", "rocket",
+    "ocean", "pencil", "tiger", "bridge", "coffee", "desert", "forest", "island", "mirror", "silver",
+    "thunder", "valley", "window", "yellow", "zebra", "anchor", "butter", "candle", "dragon", "feather",
+    "glacier", "harbor",
+]
+FILLER = ["the", "a", "about", "is", "of", "and", "story", "note", "text", "what", "where", "why"]
+
+
+def make_pairs(n: int, seed: int = 0) -> list[dict]:
+    """Query and positive share a topic word; the hard negative has another topic."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic = TOPICS[i % len(TOPICS)]
+        other = TOPICS[(i + 7) % len(TOPICS)]
+        rows.append(
+            {
+                "query": f"what {topic} {rng.choice(FILLER)} {i}",
+                "positive": f"the {topic} story {rng.choice(FILLER)} {topic} {i}",
+                "negatives": [f"the {other} note {rng.choice(FILLER)} {i}"],
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with a word-level vocabulary, saved as a Hugging Face folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + TOPICS + FILLER + [str(i) for i in range(200)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def pairs_file(tmp_path) -> Path:
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in make_pairs(64)))
+    return path
+
+
+@pytest.fixture()
+def tiny_beir(tmp_path) -> Path:
+    """A BEIR folder built from the same synthetic topics: 40 documents, 12 test queries."""
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    rows = make_pairs(40, seed=1)
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": r["positive"]}) + "\n" for i, r in enumerate(rows))
+    )
+    (folder / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": r["query"]}) + "\n" for i, r in enumerate(rows))
+    )
+    (folder / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(12))
+    )
+    (folder / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(12, 40))
+    )
+    return folder

@@ -1,0 +1,100 @@
+"""Short training runs on a tiny random BERT."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from trainer.config import load_recipe
+from trainer.errors import RunError
+from trainer.loop import train
+
+
+def recipe_file(tmp_path: Path, model: Path, pairs: Path, beir: Path, extra: str = "") -> Path:
+    text = f"""\
+run_name: tiny
+seed: 7
+model:
+  name_or_path: {model}
+  max_seq_length: 16
+data:
+  train:
+    - kind: pairs
+      path: {pairs}
+      negatives_column: negatives
+  batch_size: 8
+optimizer:
+  lr: 5.0e-3
+schedule:
+  warmup_steps: 2
+training:
+  max_steps: 24
+logging:
+  log_every_steps: 1
+evaluation:
+  sets:
+    - kind: retrieval
+      name: tiny
+      path: {beir}
+  at_start: false
+  metric_for_best: tiny/ndcg@10
+checkpointing:
+  output_dir: {tmp_path / 'runs'}
+{extra}"""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_training_lowers_the_loss_and_writes_a_checkpoint(tmp_path, tiny_model, pairs_file, tiny_beir):
+    recipe = load_recipe(recipe_file(tmp_path, tiny_model, pairs_file, tiny_beir))
+    metrics = train(recipe)
+    run_dir = tmp_path / "runs" / "tiny"
+    values = losses(run_dir)
+    assert len(values) == 24
+    assert sum(values[-4:]) / 4 < 0.85 * sum(values[:4]) / 4  # chance level is ln(16) = 2.77
+    assert 0.0 <= metrics["tiny/ndcg@10"] <= 1.0
+    step = run_dir / "step_24"
+    assert (step / "model" / "model.safetensors").exists()
+    assert (step / "model" / "embtrain_encoder.json").exists()
+    assert json.loads((step / "trainer_state.json").read_text())["step"] == 24
+    assert (run_dir / "best" / "metrics.json").exists()
+    assert "max_steps: 24" in (run_dir / "recipe.yaml").read_text()
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path, tiny_model, pairs_file, tiny_beir):
+    # 64 pairs / batch 8 = 8 steps per epoch: step 10 is inside the second epoch
+    path = recipe_file(tmp_path, tiny_model, pairs_file, tiny_beir)
+    overrides = [
+        "training.max_steps=12", "evaluation.sets=[]", "evaluation.metric_for_best=null",
+        "checkpointing.every_steps=5", "checkpointing.keep_last=null",
+    ]
+    train(load_recipe(path, overrides))
+    run_dir = tmp_path / "runs" / "tiny"
+    assert [p.name for p in sorted(run_dir.glob("step_*"))] == ["step_10", "step_12", "step_5"]
+    uninterrupted = load_file(run_dir / "step_12" / "model" / "model.safetensors")
+    shutil.rmtree(run_dir / "step_12")  # as if the run had died after step 10
+
+    train(load_recipe(path, overrides + ["checkpointing.keep_last=1"]), resume=True)
+    resumed = load_file(run_dir / "step_12" / "model" / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6, msg=name)
+    assert [p.name for p in run_dir.glob("step_*")] == ["step_12"]  # keep_last: 1
+    logged = losses(run_dir)  # steps 1-12, then 11-12 again after the resume
+    assert logged[-2:] == pytest.approx(logged[10:12], abs=1e-6)
+
+
+def test_refuses_to_overwrite_a_run(tmp_path, tiny_model, pairs_file, tiny_beir):
+    path = recipe_file(tmp_path, tiny_model, pairs_file, tiny_beir)
+    overrides = ["training.max_steps=2", "evaluation.sets=[]", "evaluation.metric_for_best=null"]
+    train(load_recipe(path, overrides))
+    with pytest.raises(RunError, match="already holds checkpoints; pass --resume"):
+        train(load_recipe(path, overrides))

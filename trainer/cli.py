@@ -1,0 +1,151 @@
+"""`embtrain` command line: train | validate | eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trainer.config import (
+    ModelConfig,
+    RecipeError,
+    RetrievalEvalConfig,
+    STSEvalConfig,
+    load_recipe,
+    recipe_to_yaml,
+)
+from trainer.data.errors import DataError
+from trainer.data.readers import path_exists
+from trainer.errors import RunError
+
+
+def _model_folder(path: str) -> str:
+    """A checkpoint folder `step_N/` holds its model under `model/`."""
+    if (Path(path) / "model").is_dir() and (Path(path) / "trainer_state.json").exists():
+        return str(Path(path) / "model")
+    return path
+
+
+def check_paths(recipe) -> list[str]:
+    """Data files and folders the recipe names that do not exist."""
+    missing = []
+    for i, source in enumerate(recipe.data.train):
+        if not path_exists(source.path):
+            missing.append(f"data.train.{i}.path: {source.path} not found")
+    for i, eval_set in enumerate(recipe.evaluation.sets):
+        if not Path(eval_set.path).exists():
+            missing.append(f"evaluation.sets.{i}.path: {eval_set.path} not found")
+    return missing
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(recipe_to_yaml(recipe), end="")
+    missing = check_paths(recipe)
+    for line in missing:
+        print(f"error: {args.recipe}: {line}", file=sys.stderr)
+    return 1 if missing else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer.loop import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    missing = check_paths(recipe)
+    if missing:
+        raise RecipeError(f"{args.recipe}: " + "; ".join(missing))
+    train(recipe, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.evaluation import build_evaluator
+    from trainer.model.encoder import Encoder, saved_model_config
+
+    path = _model_folder(args.model)
+    config = saved_model_config(path) or ModelConfig(name_or_path=path)
+    for field in ("pooling", "max_seq_length", "query_prompt", "document_prompt"):
+        if getattr(args, field) is not None:
+            setattr(config, field, getattr(args, field))
+    if args.no_normalize:
+        config.normalize = False
+    eval_sets = []
+    if args.beir:
+        eval_sets.append(
+            RetrievalEvalConfig(
+                kind="retrieval",
+                name=Path(args.beir).name or "beir",
+                path=args.beir,
+                split=args.split,
+                batch_size=args.batch_size,
+                max_queries=args.max_queries,
+            )
+        )
+    if args.sts:
+        eval_sets.append(
+            STSEvalConfig(kind="sts", name=Path(args.sts).stem, path=args.sts, format=args.sts_format, batch_size=args.batch_size)
+        )
+    if not eval_sets:
+        raise RecipeError("eval: give --beir FOLDER and/or --sts FILE")
+    evaluators = [build_evaluator(s) for s in eval_sets]  # read (and check) the data before loading the model
+    encoder = Encoder.from_config(config)
+    if args.device:
+        encoder.to(args.device)
+    metrics = {}
+    for eval_set, evaluator in zip(eval_sets, evaluators):
+        values = evaluator(encoder)
+        metrics.update(values if len(eval_sets) == 1 else {f"{eval_set.name}/{k}": v for k, v in values.items()})
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:>24}  {value:.4f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embtrain", description="Train contrastive text-embedding models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train from a recipe YAML")
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.max_steps=10")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint of this run")
+    train.set_defaults(func=cmd_train)
+
+    validate = commands.add_parser("validate", help="print the resolved recipe; non-zero exit on any error")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*")
+    validate.set_defaults(func=cmd_validate)
+
+    evaluate = commands.add_parser("eval", help="evaluate a model folder or checkpoint")
+    evaluate.add_argument("model", help="model folder, checkpoint step_N folder, Hub id or package:NAME")
+    evaluate.add_argument("--beir", help="BEIR folder for retrieval metrics")
+    evaluate.add_argument("--split", default="test", help="qrels split of the BEIR folder (default: test)")
+    evaluate.add_argument("--max-queries", type=int, help="evaluate only the first N queries")
+    evaluate.add_argument("--sts", help="STS file for Spearman correlation")
+    evaluate.add_argument("--sts-format", default="stsb", choices=["stsb", "csv", "tsv", "jsonl"])
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--pooling", choices=["mean", "cls", "last_token"], help="override the saved pooling")
+    evaluate.add_argument("--max-seq-length", type=int, help="override the saved maximum length")
+    evaluate.add_argument("--query-prompt", help="override the saved query prompt")
+    evaluate.add_argument("--document-prompt", help="override the saved document prompt")
+    evaluate.add_argument("--no-normalize", action="store_true", help="do not L2-normalise embeddings")
+    evaluate.add_argument("--device", help="e.g. cuda or cpu (default: cpu)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RecipeError, DataError, RunError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

