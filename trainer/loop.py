@@ -123,6 +123,21 @@ class EvalRunner:
                 save_best(accelerator.unwrap_model(encoder), self.run_dir, metrics, state.step)
 
 
+def flat_config(tree: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
+    """Nested recipe to dotted scalar keys, the form trackers accept as hyper-parameters."""
+    flat: dict[str, str | int | float | bool] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{name}."))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                flat.update(flat_config(item, f"{name}.{i}.") if isinstance(item, dict) else {f"{name}.{i}": item})
+        else:
+            flat[name] = "null" if value is None else value
+    return flat
+
+
 def setup_run_dir(recipe: Recipe, resume: bool, accelerator: Accelerator) -> Path:
     run_dir = Path(recipe.checkpointing.output_dir) / recipe.run_name
     if step_checkpoints(run_dir) and not resume:
@@ -188,7 +203,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
     evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)
     metrics_log = MetricsLog(accelerator, run_dir / "metrics.jsonl")
     if recipe.logging.report_to:
-        accelerator.init_trackers(recipe.logging.project, config=json.loads(json.dumps(asdict(recipe))))
+        accelerator.init_trackers(recipe.logging.project, config=flat_config(asdict(recipe)))
 
     state = TrainState()
     if resume:

@@ -98,3 +98,28 @@ def test_refuses_to_overwrite_a_run(tmp_path, tiny_model, pairs_file, tiny_beir)
     train(load_recipe(path, overrides))
     with pytest.raises(RunError, match="already holds checkpoints; pass --resume"):
         train(load_recipe(path, overrides))
+
+
+def test_bf16_autocast_and_gradient_accumulation_run(tmp_path, tiny_model, pairs_file, tiny_beir):
+    path = recipe_file(tmp_path, tiny_model, pairs_file, tiny_beir)
+    recipe = load_recipe(
+        path,
+        [
+            "training.max_steps=3", "training.mixed_precision=bf16", "training.gradient_accumulation_steps=2",
+            "schedule.kind=cosine", "evaluation.at_start=true",
+        ],
+    )
+    metrics = train(recipe)
+    run_dir = tmp_path / "runs" / "tiny"
+    values = losses(run_dir)
+    assert len(values) == 3 and all(0 < v < 10 for v in values)
+    state = json.loads((run_dir / "step_3" / "trainer_state.json").read_text())
+    assert state["batch_in_epoch"] == 6  # two micro-batches per optimiser step
+    assert metrics["tiny/ndcg@10"] > 0
+
+
+def test_flat_config_for_trackers():
+    from trainer.loop import flat_config
+
+    flat = flat_config({"a": {"b": 1, "c": None}, "l": [{"k": "x"}, 2.5]})
+    assert flat == {"a.b": 1, "a.c": "null", "l.0.k": "x", "l.1": 2.5}
