@@ -63,8 +63,9 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
+    full_state = accelerator.get_state_dict(encoder)  # collective when parameters are sharded
     if accelerator.is_main_process:
-        accelerator.unwrap_model(encoder).save_pretrained(tmp / "model")
+        accelerator.unwrap_model(encoder).save_pretrained(tmp / "model", state_dict=full_state)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         _replace_dir(tmp, final)
         if keep_last is not None:
@@ -79,11 +80,13 @@ def load_checkpoint(accelerator: Accelerator, folder: Path) -> TrainState:
     return TrainState(**json.loads((folder / STATE_FILE).read_text()))
 
 
-def save_best(encoder: Encoder, run_dir: Path, metrics: dict[str, float], step: int) -> None:
+def save_best(
+    encoder: Encoder, full_state: dict, run_dir: Path, metrics: dict[str, float], step: int
+) -> None:
     """Main process only: the model in Hugging Face format plus the metrics that made it best."""
     tmp = run_dir / ".tmp_best"
     if tmp.exists():
         shutil.rmtree(tmp)
-    encoder.save_pretrained(tmp)
+    encoder.save_pretrained(tmp, state_dict=full_state)
     (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
     _replace_dir(tmp, run_dir / "best")

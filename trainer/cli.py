@@ -17,7 +17,7 @@ from trainer.config import (
 )
 from trainer.data.errors import DataError
 from trainer.data.readers import path_exists
-from trainer.errors import RunError
+from trainer.errors import PREEMPTED_EXIT_CODE, Preempted, RunError
 
 
 def _model_folder(path: str) -> str:
@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, DataError, RunError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(str(exc), file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

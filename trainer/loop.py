@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -29,14 +29,16 @@ from trainer.checkpoint import (
     step_checkpoints,
 )
 from trainer.config import EvaluationConfig, OptimizerConfig, Recipe, ScheduleConfig, recipe_to_yaml
-from trainer.data.collate import Collator, ContrastiveBatch
+from trainer.data.collate import Collator
 from trainer.data.readers import read_training_data
 from trainer.data.sampler import NoDuplicatesBatchSampler
 from trainer.evaluation import Evaluator, build_evaluator
-from trainer.errors import RunError
+from trainer.errors import Preempted, RunError
 from trainer.evaluation.cache import EvalCache, cache_key
 from trainer.losses import WeightedLoss, build_loss
 from trainer.model.encoder import Encoder
+from trainer.preemption import PreemptionWatch
+from trainer.step import cached_step, plain_step
 
 
 def build_optimizer(encoder: Encoder, config: OptimizerConfig) -> torch.optim.Optimizer:
@@ -54,16 +56,6 @@ def build_schedule(optimizer: torch.optim.Optimizer, config: ScheduleConfig, tot
     return get_scheduler(
         name, optimizer, num_warmup_steps=config.warmup_for(total_steps), num_training_steps=total_steps
     )
-
-
-def compute_loss(encoder: Encoder, loss_fn: WeightedLoss, batch: ContrastiveBatch):
-    """Encode queries and documents, split documents into positives and negatives, score."""
-    query = encoder(batch.queries)  # (B, D)
-    documents = encoder(batch.documents)  # (B*(1+N), D)
-    size = batch.size
-    positive = documents[:size]
-    negatives = documents[size:].reshape(size, batch.num_negatives, -1) if batch.num_negatives else None
-    return loss_fn(query, positive, negatives)
 
 
 class MetricsLog:
@@ -104,12 +96,13 @@ class EvalRunner:
                 metrics.update({f"{eval_set.name}/{k}": v for k, v in values.items()})
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             tqdm.write(f"eval: {shown}")
-        accelerator.wait_for_everyone()
+        if accelerator.num_processes > 1:  # every process needs the numbers to agree on the best step
+            metrics = broadcast_object_list([metrics])[0]
         return metrics
 
     def update_best(self, accelerator: Accelerator, encoder: Encoder, metrics: dict[str, float], state: TrainState):
         name = self.config.metric_for_best
-        if name is None or not accelerator.is_main_process:
+        if name is None:
             return
         if name not in metrics:
             raise RunError(f"evaluation.metric_for_best {name!r} is not among the metrics {sorted(metrics)}")
@@ -120,7 +113,10 @@ class EvalRunner:
         if better:
             state.best_metric, state.best_step = value, state.step
             if self.save_best_model:
-                save_best(accelerator.unwrap_model(encoder), self.run_dir, metrics, state.step)
+                full_state = accelerator.get_state_dict(encoder)  # collective when parameters are sharded
+                if accelerator.is_main_process:
+                    save_best(accelerator.unwrap_model(encoder), full_state, self.run_dir, metrics, state.step)
+                accelerator.wait_for_everyone()
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
@@ -198,6 +194,14 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
     loss_fn = build_loss(recipe.loss)
     optimizer = build_optimizer(encoder, recipe.optimizer)
     scheduler = build_schedule(optimizer, recipe.schedule, total_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        if training.grad_cache_chunk_size is not None:
+            raise RunError(
+                "training.grad_cache_chunk_size does not work with DeepSpeed, whose engine steps the "
+                "optimiser on every backward pass; use DDP or FSDP (launch/accelerate/) for cached losses"
+            )
+        # batches come from our own sampler, so DeepSpeed cannot infer the micro-batch size
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)
@@ -223,38 +227,50 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
 
     # ---------------------------------------------------------------- train
     encoder.train()
+    cross_device = training.cross_device_negatives and accelerator.num_processes > 1
     pairs_per_step = recipe.data.batch_size * accelerator.num_processes * training.gradient_accumulation_steps
     progress = tqdm(
         total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
     )
     started, steps_timed = time.perf_counter(), 0
+    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # mean loss per logging interval
     metrics: dict[str, float] = {}
+    preemption = PreemptionWatch()
     while state.step < total_steps:
         sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
         for batch in loader:
             batch = batch.to(accelerator.device)
             with accelerator.accumulate(encoder):
-                loss, parts = compute_loss(encoder, loss_fn, batch)
-                accelerator.backward(loss)
+                if training.grad_cache_chunk_size is None:
+                    loss, parts = plain_step(encoder, loss_fn, batch, accelerator.backward, cross_device)
+                else:
+                    loss, parts = cached_step(
+                        encoder, loss_fn, batch, accelerator.backward, cross_device,
+                        training.grad_cache_chunk_size, lambda: accelerator.no_sync(encoder),
+                    )
                 if accelerator.sync_gradients and training.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(encoder.parameters(), training.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
+            loss_sum += loss.detach()
+            loss_count += 1
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             state.step += 1
             steps_timed += 1
             progress.update(1)
-            pairs_per_s = steps_timed * pairs_per_step / (time.perf_counter() - started)
-            lr = scheduler.get_last_lr()[0]
-            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}", pairs_s=f"{pairs_per_s:.1f}")
 
             if state.step % recipe.logging.log_every_steps == 0:
-                logged = {"loss": loss.item(), "lr": lr, "pairs_per_s": pairs_per_s}
-                logged.update({f"loss/{k}": v.item() for k, v in parts.items()} if len(parts) > 1 else {})
+                # one host sync per logging interval, not per step
+                pairs_per_s = steps_timed * pairs_per_step / (time.perf_counter() - started)
+                logged = {"loss": (loss_sum / loss_count).item(), "lr": scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s}
+                if len(parts) > 1:
+                    logged.update({f"loss/{k}": v.item() for k, v in parts.items()})
+                loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
                 metrics_log.write(state.step, logged)
+                progress.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}", pairs_s=f"{pairs_per_s:.1f}")
             done = state.step >= total_steps
             every = recipe.evaluation.every_steps
             if every and state.step % every == 0 and not done and recipe.evaluation.sets:
@@ -268,10 +284,17 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
                 started, steps_timed = time.perf_counter(), 0
             if done:
                 break
+            if preemption.should_stop(accelerator):
+                saved = save_checkpoint(accelerator, encoder, state, run_dir, recipe.checkpointing.keep_last)
+                progress.close()
+                preemption.close()
+                accelerator.end_training()
+                raise Preempted(preemption.received or "a signal on another process", state.step, str(saved))
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
     progress.close()
+    preemption.close()
 
     # ---------------------------------------------------------------- finish
     if recipe.evaluation.at_end and recipe.evaluation.sets:

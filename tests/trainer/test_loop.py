@@ -13,6 +13,15 @@ from trainer.errors import RunError
 from trainer.loop import train
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one global state per process; each run here sets its own precision."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def recipe_file(tmp_path: Path, model: Path, pairs: Path, beir: Path, extra: str = "") -> Path:
     text = f"""\
 run_name: tiny

@@ -48,6 +48,8 @@ class NoDuplicatesBatchSampler:
         if self.shuffle:
             random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         batches = self._pack(order)
+        if self.num_replicas > 1:  # processes gather each other's embeddings: equal batch sizes only
+            batches = [b for b in batches if len(b) == self.batch_size]
         # every process gets the same number of batches: the global batches r, r+W, r+2W, ...
         usable = len(batches) - len(batches) % self.num_replicas
         batches = batches[self.rank : usable : self.num_replicas]

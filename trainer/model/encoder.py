@@ -81,11 +81,16 @@ class Encoder(torch.nn.Module):
         path = resolve_model_path(config.name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            backbone = AutoModel.from_pretrained(path)
+            try:  # encoders' pooler head is unused by every pooling here; leave it out
+                backbone = AutoModel.from_pretrained(path, add_pooling_layer=False)
+            except TypeError:
+                backbone = AutoModel.from_pretrained(path)
         except OSError as exc:
             raise FileNotFoundError(f"model {config.name_or_path!r}: cannot load: {exc}") from None
         if tokenizer.pad_token is None:  # decoder LLMs often have none
             tokenizer.pad_token = tokenizer.eos_token
+        if config.gradient_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return cls(backbone, tokenizer, config)
 
     @property
@@ -129,10 +134,14 @@ class Encoder(torch.nn.Module):
         self.train(was_training)
         return out
 
-    def save_pretrained(self, folder: str | Path) -> None:
-        """The backbone in Hugging Face format (safetensors), its tokenizer and our settings."""
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The backbone in Hugging Face format (safetensors), its tokenizer and our settings.
+
+        `state_dict` is the encoder's full state when the parameters are sharded (ZeRO-3, FSDP)."""
         folder = Path(folder)
-        self.backbone.save_pretrained(folder, safe_serialization=True)
+        if state_dict is not None:
+            state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
+        self.backbone.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         settings = asdict(self.config)
         settings.pop("name_or_path")

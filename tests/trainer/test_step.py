@@ -1,0 +1,119 @@
+"""The cached (GradCache) step and cross-device negatives give the plain step's loss and gradients."""
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from conftest import make_pairs
+from trainer.config import InfoNCEConfig, ModelConfig
+from trainer.data.collate import Collator
+from trainer.data.examples import Example
+from trainer.losses import build_loss
+from trainer.losses.gradcache import embed_without_grad, split_features
+from trainer.model.encoder import Encoder
+from trainer.step import cached_step, plain_step, split_documents
+
+TOLERANCE = 1e-10  # float64 throughout
+
+
+def examples(n: int = 8) -> list[Example]:
+    return [Example(r["query"], r["positive"], tuple(r["negatives"])) for r in make_pairs(n, seed=3)]
+
+
+def load(model_dir: Path) -> Encoder:
+    torch.manual_seed(0)
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(model_dir), max_seq_length=16))
+    return encoder.double()
+
+
+def batch_of(encoder: Encoder, rows: list[Example]):
+    return Collator(encoder.tokenizer, 16)(rows)
+
+
+def grads(encoder: Encoder) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+    encoder.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=TOLERANCE, msg=name)
+
+
+LOSS = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_cached_equals_plain_without_dropout(tiny_model, chunk_size):
+    encoder = load(tiny_model).eval()
+    batch = batch_of(encoder, examples())
+    plain_loss, _ = plain_step(encoder, LOSS, batch, lambda l: l.backward(), cross_device=False)
+    plain = grads(encoder)
+    cached_loss, _ = cached_step(encoder, LOSS, batch, lambda l: l.backward(), False, chunk_size, nullcontext)
+    assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=TOLERANCE)
+    assert_same(grads(encoder), plain)
+
+
+def test_cached_replays_dropout_exactly(tiny_model):
+    """With dropout on, the cached step equals a plain backward through the same chunks and masks."""
+    encoder = load(tiny_model).train()
+    batch = batch_of(encoder, examples())
+    chunk = 3
+    torch.manual_seed(11)
+    q_chunks, d_chunks = split_features(batch.queries, chunk), split_features(batch.documents, chunk)
+    query = torch.cat([encoder(c) for c in q_chunks])
+    positive, negatives = split_documents(torch.cat([encoder(c) for c in d_chunks]), batch.size, batch.num_negatives)
+    reference_loss, _ = LOSS(query, positive, negatives)
+    reference_loss.backward()
+    reference = grads(encoder)
+
+    torch.manual_seed(11)
+    loss, _ = cached_step(encoder, LOSS, batch, lambda l: l.backward(), False, chunk, nullcontext)
+    assert loss.item() == pytest.approx(reference_loss.item(), abs=TOLERANCE)
+    assert_same(grads(encoder), reference)
+
+    # and the replay matters: the no-grad pass and a fresh pass draw different dropout masks
+    torch.manual_seed(11)
+    first, _ = embed_without_grad(encoder, q_chunks, torch.device("cpu"))
+    second, _ = embed_without_grad(encoder, q_chunks, torch.device("cpu"))
+    assert not torch.allclose(first, second)
+
+
+def _worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        encoder = load(Path(model_dir)).eval()
+        model = torch.nn.parallel.DistributedDataParallel(encoder)
+        rows = examples()
+        local = rows[rank * 4 : rank * 4 + 4]
+        batch = batch_of(encoder, local)
+        loss, _ = plain_step(model, LOSS, batch, lambda l: l.backward(), cross_device=True)
+        plain = grads(encoder)
+        cached, _ = cached_step(model, LOSS, batch, lambda l: l.backward(), True, 3, model.no_sync)
+        cached_grads = grads(encoder)
+        torch.save(
+            {"loss": loss.item(), "cached_loss": cached.item(), "grads": plain, "cached_grads": cached_grads},
+            Path(out_dir) / f"rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_model, tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tiny_model), str(tmp_path)), nprocs=2, join=True)
+    encoder = load(tiny_model).eval()
+    batch = batch_of(encoder, examples())
+    loss, _ = plain_step(encoder, LOSS, batch, lambda l: l.backward(), cross_device=False)
+    single = grads(encoder)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["loss"] == pytest.approx(loss.item(), abs=TOLERANCE)
+        assert result["cached_loss"] == pytest.approx(loss.item(), abs=TOLERANCE)
+        assert_same(result["grads"], single)
+        assert_same(result["cached_grads"], single)
