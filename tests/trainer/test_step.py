@@ -14,7 +14,7 @@ from trainer.data.collate import Collator
 from trainer.data.examples import Example
 from trainer.losses import build_loss
 from trainer.losses.gradcache import embed_without_grad, split_features
-from trainer.model.encoder import Encoder
+from trainer.model.encoder import Encoder, enable_gradient_checkpointing
 from trainer.step import cached_step, plain_step, split_documents
 
 TOLERANCE = 1e-10  # float64 throughout
@@ -117,3 +117,20 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_model, t
         assert result["cached_loss"] == pytest.approx(loss.item(), abs=TOLERANCE)
         assert_same(result["grads"], single)
         assert_same(result["cached_grads"], single)
+
+
+def test_gradient_checkpointing_keeps_gradients(tiny_model):
+    encoder = load(tiny_model).eval()
+    batch = batch_of(encoder, examples())
+    plain_step(encoder, LOSS, batch, lambda l: l.backward(), cross_device=False)
+    reference = grads(encoder)
+    enable_gradient_checkpointing(encoder.backbone)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in encoder.backbone.modules())
+    encoder.train()  # checkpointing is only active in training mode; dropout off to compare
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    plain_step(encoder, LOSS, batch, lambda l: l.backward(), cross_device=False)
+    assert_same(grads(encoder), reference)
+    cached_step(encoder, LOSS, batch, lambda l: l.backward(), False, 3, nullcontext)
+    assert_same(grads(encoder), reference)

@@ -66,6 +66,15 @@ def saved_model_config(path: str) -> ModelConfig | None:
     return None
 
 
+def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:
+    """Non-reentrant checkpointing (works with GradCache's replays); the name changed in transformers 5."""
+    options = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
 class Encoder(torch.nn.Module):
     def __init__(self, backbone: torch.nn.Module, tokenizer, config: ModelConfig) -> None:
         super().__init__()
@@ -90,7 +99,7 @@ class Encoder(torch.nn.Module):
         if tokenizer.pad_token is None:  # decoder LLMs often have none
             tokenizer.pad_token = tokenizer.eos_token
         if config.gradient_checkpointing:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(backbone)
         return cls(backbone, tokenizer, config)
 
     @property
