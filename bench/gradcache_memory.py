@@ -100,7 +100,7 @@ def main() -> None:
 
     memory = "peak_gpu_mib" if args.device.startswith("cuda") else "peak_rss_mib"
     print(f"\ndevice {args.device}, max_seq_length {args.max_seq_length}, chunk {args.chunk_size}\n")
-    print(f"| batch | loss | {memory.replace('_', ' ')} | seconds / step |")
+    print(f"| batch | loss computation | {memory.replace('_', ' ')} | seconds / step |")
     print("|---:|---|---:|---:|")
     for row in rows:
         name = "plain" if row["mode"] == "plain" else f"cached (chunk {args.chunk_size})"

@@ -104,6 +104,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.export.model_card import write_model_card
+    from trainer.export.sentence_transformers_folder import export
+
+    result = export(
+        args.checkpoint, args.out, dtype=args.dtype, truncate_dim=args.dim, overwrite=args.overwrite, check=not args.no_check
+    )
+    checkpoint = Path(args.checkpoint)
+    run_dir = checkpoint.parent if (checkpoint.parent / "recipe.yaml").exists() else None
+    st_config = json.loads((result.folder / "config_sentence_transformers.json").read_text())
+    dimension = args.dim or json.loads((result.folder / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"]
+    write_model_card(
+        result.folder,
+        name=args.name or result.folder.name,
+        run_dir=run_dir,
+        dimension=dimension,
+        similarity=st_config["similarity_fn_name"],
+        prompts=st_config["prompts"],
+        language=args.language,
+        license=args.license,
+    )
+    if args.no_check:
+        print(f"exported {result.folder} (parity not checked)")
+    else:
+        print(
+            f"exported {result.folder}; parity with the trainer's embeddings: max |diff| "
+            f"{result.max_abs_diff:.2e} <= {result.tolerance:.0e} ({args.dtype})"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embtrain", description="Train contrastive text-embedding models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", help="e.g. cuda or cpu (default: cpu)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     evaluate.set_defaults(func=cmd_eval)
+
+    export = commands.add_parser("export", help="write a sentence-transformers folder with a model card")
+    export.add_argument("checkpoint", help="checkpoints/RUN/step_N, checkpoints/RUN/best or an embtrain model folder")
+    export.add_argument("--out", required=True, help="folder to write")
+    export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight precision")
+    export.add_argument("--dim", type=int, help="truncate embeddings to the first N dimensions (Matryoshka models)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    export.add_argument("--no-check", action="store_true", help="skip the parity check (needs sentence-transformers)")
+    export.add_argument("--name", help="model name in the card, e.g. user/my-model (default: folder name)")
+    export.add_argument("--language", nargs="+", help="language codes for the card metadata, e.g. en")
+    export.add_argument("--license", help="licence for the card metadata, e.g. apache-2.0")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

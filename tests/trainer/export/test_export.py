@@ -1,0 +1,142 @@
+"""Exported sentence-transformers folders embed exactly like the trainer's encoder."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from trainer.cli import main
+from trainer.config import ModelConfig
+from trainer.export.sentence_transformers_folder import ExportError, PARITY_TEXTS, export
+from trainer.model.encoder import Encoder
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def embtrain_model(tiny_model: Path, folder: Path, **settings) -> Path:
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=32, **settings))
+    encoder.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"pooling": "cls", "normalize": False},
+        {"pooling": "last_token", "query_prompt": "query: ", "document_prompt": "passage: "},
+    ],
+    ids=["mean", "cls-unnormalised", "last-token-prompts"],
+)
+def test_fp32_export_matches_the_trainer(tmp_path, tiny_model, settings):
+    from sentence_transformers import SentenceTransformer
+
+    source = embtrain_model(tiny_model, tmp_path / "model", **settings)
+    result = export(source, tmp_path / "st")
+    assert result.max_abs_diff <= 1e-5
+    # independently of export's own check: the folder, loaded as users load it
+    model = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(source), max_seq_length=32, **settings))
+    expected = encoder.encode(PARITY_TEXTS[:3], is_query=True)
+    prompt_name = "query" if settings.get("query_prompt") else None
+    got = model.encode(PARITY_TEXTS[:3], prompt_name=prompt_name, convert_to_tensor=True)
+    assert (got - expected).abs().max().item() <= 1e-5
+    config = json.loads((tmp_path / "st" / "config_sentence_transformers.json").read_text())
+    assert config["similarity_fn_name"] == ("dot" if settings.get("normalize") is False else "cosine")
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(tmp_path / "st").config.hidden_size == 32
+
+
+def test_truncated_and_half_precision_exports(tmp_path, tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    source = embtrain_model(tiny_model, tmp_path / "model")
+    result = export(source, tmp_path / "st16", truncate_dim=8)
+    assert result.max_abs_diff <= 1e-5
+    embeddings = SentenceTransformer(str(tmp_path / "st16"), device="cpu").encode(["apple river"])
+    assert embeddings.shape == (1, 8)
+    assert abs(float((embeddings**2).sum()) - 1.0) < 1e-5  # truncated, then normalised
+    half = export(source, tmp_path / "fp16", dtype="fp16")
+    assert half.max_abs_diff <= half.tolerance
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "fp16" / "model.safetensors"), "pt") as weights:
+        assert weights.get_tensor(next(iter(weights.keys()))).dtype == torch.float16
+
+
+def test_refuses_bad_input_and_overwrites_only_when_asked(tmp_path, tiny_model):
+    source = embtrain_model(tiny_model, tmp_path / "model")
+    with pytest.raises(ExportError, match="not an embtrain model"):
+        export(tiny_model, tmp_path / "a")
+    with pytest.raises(ExportError, match="not found"):
+        export(tmp_path / "nowhere", tmp_path / "a")
+    export(source, tmp_path / "out")
+    with pytest.raises(ExportError, match="exists and is not empty; pass --overwrite"):
+        export(source, tmp_path / "out")
+    export(source, tmp_path / "out", overwrite=True)
+    with pytest.raises(ExportError, match="--dim 99 must be between 1 and the model's 32"):
+        export(source, tmp_path / "b", truncate_dim=99)
+    (source / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ExportError, match="cannot load the model"):
+        export(source, tmp_path / "c")
+    (source / "model.safetensors").unlink()
+    with pytest.raises(ExportError, match="incomplete checkpoint"):
+        export(source, tmp_path / "c")
+    assert not (tmp_path / "c").exists()
+
+
+def test_cli_export_of_a_run_writes_card_and_plot_and_loads_in_a_fresh_process(
+    tmp_path, tiny_model, pairs_file, tiny_beir, capsys
+):
+    from accelerate.state import AcceleratorState
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"""run_name: card
+model: {{name_or_path: {tiny_model}, max_seq_length: 16, query_prompt: "q: "}}
+data:
+  train: [{{kind: pairs, path: {pairs_file}}}]
+  batch_size: 8
+training: {{max_steps: 4}}
+logging: {{log_every_steps: 1}}
+evaluation:
+  sets: [{{kind: retrieval, name: tiny, path: {tiny_beir}}}]
+  metric_for_best: tiny/ndcg@10
+checkpointing: {{output_dir: {tmp_path / 'runs'}}}
+"""
+    )
+    try:
+        assert main(["train", str(recipe)]) == 0
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    out = tmp_path / "exported"
+    code = main(["export", str(tmp_path / "runs" / "card" / "step_4"), "--out", str(out), "--name", "me/tiny", "--license", "mit"])
+    assert code == 0
+    assert "parity with the trainer's embeddings" in capsys.readouterr().out
+    card = (out / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata["library_name"] == "sentence-transformers" and metadata["license"] == "mit"
+    final = [json.loads(l) for l in (tmp_path / "runs" / "card" / "metrics.jsonl").read_text().splitlines()][-1]
+    ndcg = metadata["model-index"][0]["results"][0]["metrics"][0]
+    assert ndcg == {"type": "ndcg_at_10", "value": round(final["tiny/ndcg@10"], 4)}
+    assert "max_steps: 4" in card and "![training loss and evaluation](training_curves.png)" in card
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "config_sentence_transformers.json").read_text())["prompts"] == {"query": "q: "}
+
+    # a fresh process loads the folder with sentence-transformers alone
+    code = (
+        "import sys, json; from sentence_transformers import SentenceTransformer;"
+        "m = SentenceTransformer(sys.argv[1], device='cpu');"
+        "print(json.dumps(m.encode(['apple'], prompt_name='query').tolist()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fresh = torch.tensor(json.loads(done.stdout))
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tmp_path / "runs" / "card" / "step_4" / "model"),
+                                              max_seq_length=16, query_prompt="q: "))
+    assert (fresh - encoder.encode(["apple"], is_query=True)).abs().max().item() <= 1e-5

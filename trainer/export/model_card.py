@@ -1,0 +1,193 @@
+"""The exported folder's README.md: Hub metadata, usage, the recipe as run, results and a plot.
+
+Everything comes from the run folder (`recipe.yaml`, `metrics.jsonl`) next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PLOT_FILE = "training_curves.png"
+
+
+@dataclass
+class RunRecord:
+    recipe: dict | None = None
+    recipe_text: str = ""
+    losses: list[tuple[int, float]] = field(default_factory=list)
+    evaluations: list[dict] = field(default_factory=list)
+    """Rows of metrics.jsonl that hold evaluation results, in order."""
+
+
+def read_run(run_dir: Path | None) -> RunRecord:
+    record = RunRecord()
+    if run_dir is None:
+        return record
+    recipe_file = run_dir / "recipe.yaml"
+    if recipe_file.exists():
+        record.recipe_text = recipe_file.read_text()
+        record.recipe = yaml.safe_load(record.recipe_text)
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.exists():
+        for line in metrics_file.read_text().splitlines():
+            row = json.loads(line)
+            if "loss" in row:
+                record.losses.append((row["step"], row["loss"]))
+            elif any("/" in key for key in row):
+                record.evaluations.append(row)
+    return record
+
+
+def plot_curves(record: RunRecord, out: Path) -> bool:
+    """Training loss and every evaluation metric against the step; False when there is nothing to plot."""
+    if not record.losses and not record.evaluations:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (loss_axis, eval_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    if record.losses:
+        steps, values = zip(*sorted(dict(record.losses).items()))  # a resumed run logs some steps twice
+        loss_axis.plot(steps, values, color="tab:blue")
+    loss_axis.set(title="training loss", xlabel="step", ylabel="loss")
+    names = sorted({k for row in record.evaluations for k in row if k != "step"})
+    for name in names:
+        points = sorted({row["step"]: row[name] for row in record.evaluations if name in row}.items())
+        eval_axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    eval_axis.set(title="evaluation", xlabel="step")
+    if names:
+        eval_axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return True
+
+
+def _hub_id(name: str) -> str | None:
+    """A base model name fit for the `base_model` field: a Hub id, not a local path."""
+    if name.startswith(("package:", "/", ".", "~")) or Path(name).exists() or name.count("/") != 1:
+        return None
+    return name
+
+
+def _model_index(name: str, evaluation: dict) -> list[dict]:
+    by_set: dict[str, list[dict]] = {}
+    for key, value in evaluation.items():
+        if "/" not in key:
+            continue
+        set_name, metric = key.split("/", 1)
+        by_set.setdefault(set_name, []).append({"type": metric.replace("@", "_at_"), "value": round(value, 4)})
+    results = []
+    for set_name, metrics in by_set.items():
+        task = "sentence-similarity" if any(m["type"] == "spearman" for m in metrics) else "retrieval"
+        results.append({"task": {"type": task}, "dataset": {"name": set_name, "type": set_name}, "metrics": metrics})
+    return [{"name": name, "results": results}] if results else []
+
+
+def write_model_card(
+    folder: Path,
+    *,
+    name: str,
+    run_dir: Path | None,
+    dimension: int,
+    similarity: str,
+    prompts: dict[str, str],
+    language: list[str] | None = None,
+    license: str | None = None,
+) -> Path:
+    record = read_run(run_dir)
+    recipe = record.recipe or {}
+    has_plot = plot_curves(record, folder / PLOT_FILE)
+    final = record.evaluations[-1] if record.evaluations else {}
+    first = record.evaluations[0] if record.evaluations else {}
+
+    metadata: dict = {
+        "library_name": "sentence-transformers",
+        "pipeline_tag": "sentence-similarity",
+        "tags": ["sentence-transformers", "feature-extraction", "sentence-similarity", "embtrain"],
+    }
+    base = _hub_id(recipe.get("model", {}).get("name_or_path", "")) if recipe else None
+    if base:
+        metadata["base_model"] = base
+    if language:
+        metadata["language"] = language
+    if license:
+        metadata["license"] = license
+    model_index = _model_index(name, {k: v for k, v in final.items() if k != "step"})
+    if model_index:
+        metadata["model-index"] = model_index
+
+    lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", "", f"# {name}", ""]
+    base_text = recipe.get("model", {}).get("name_or_path", "an unknown base model") if recipe else "an unknown base model"
+    lines += [
+        f"A text-embedding model ({dimension} dimensions, {similarity} similarity) fine-tuned from "
+        f"`{base_text}` with embtrain.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        f'model = SentenceTransformer("{name}")',
+    ]
+    if "query" in prompts or "document" in prompts:
+        lines += [
+            'queries = model.encode(["how do plants make energy?"], prompt_name="query")' if "query" in prompts
+            else 'queries = model.encode(["how do plants make energy?"])',
+            'documents = model.encode(["Photosynthesis turns light into chemical energy."], prompt_name="document")'
+            if "document" in prompts else 'documents = model.encode(["Photosynthesis turns light into chemical energy."])',
+        ]
+    else:
+        lines += [
+            'queries = model.encode(["how do plants make energy?"])',
+            'documents = model.encode(["Photosynthesis turns light into chemical energy."])',
+        ]
+    lines += ["print(model.similarity(queries, documents))", "```", ""]
+    if prompts:
+        lines += ["Prompts: " + ", ".join(f"{k}: `{v!r}`" for k, v in prompts.items()), ""]
+
+    if final:
+        lines += ["## Evaluation", "", "| metric | before training | after training |", "|---|---:|---:|"]
+        for key in sorted(k for k in final if k != "step"):
+            before = f"{first[key]:.4f}" if first is not final and key in first and first.get("step") == 0 else ""
+            lines.append(f"| {key} | {before} | {final[key]:.4f} |")
+        lines += ["", f"After step {final.get('step')}; retrieval uses exact search.", ""]
+    if has_plot:
+        lines += ["## Training curves", "", f"![training loss and evaluation]({PLOT_FILE})", ""]
+    if recipe:
+        data = recipe.get("data", {})
+        sources = ", ".join(f"{s.get('kind')} `{s.get('path')}`" for s in data.get("train", []))
+        losses = ", ".join(
+            f"{term.get('kind')} (weight {term.get('weight')}, temperature {term.get('temperature')})"
+            for term in recipe.get("loss", [])
+        )
+        training = recipe.get("training", {})
+        lines += [
+            "## Training",
+            "",
+            f"- Data: {sources}; batch size {data.get('batch_size')}, hard negatives per query: "
+            f"{data.get('num_negatives') if data.get('num_negatives') is not None else 'as in the data'}",
+            f"- Loss: {losses}",
+            f"- Optimiser: {recipe.get('optimizer', {}).get('kind')} lr {recipe.get('optimizer', {}).get('lr')}, "
+            f"schedule {recipe.get('schedule', {}).get('kind')}; "
+            + (f"{training.get('max_steps')} steps" if training.get("max_steps") else f"{training.get('epochs')} epochs"),
+            f"- Steps trained: {record.losses[-1][0] if record.losses else 'unknown'}",
+            "",
+            "<details><summary>Recipe as run</summary>",
+            "",
+            "```yaml",
+            record.recipe_text.rstrip(),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path

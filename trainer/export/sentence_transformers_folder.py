@@ -1,0 +1,201 @@
+"""Write a trained model as a sentence-transformers folder, and prove it embeds like the trainer.
+
+Layout (loadable by `SentenceTransformer(DIR)`, the backbone by `AutoModel.from_pretrained(DIR)`):
+
+    DIR/config.json, model.safetensors, tokenizer files     module 0: Transformer
+    DIR/sentence_bert_config.json                           its max_seq_length
+    DIR/1_Pooling/config.json                               module 1: mean | cls | last-token
+    DIR/2_Dense/ (only with a truncation dimension)         identity rows = keep the first D dims
+    DIR/N_Normalize                                         when the model normalises
+    DIR/modules.json, config_sentence_transformers.json     prompts and similarity function
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from trainer.checkpoint import STATE_FILE
+from trainer.errors import RunError
+from trainer.model.encoder import ENCODER_FILE, Encoder, saved_model_config
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PARITY_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-2, "bf16": 5e-2}
+"""Largest allowed |difference| between exported and trainer embeddings (unit-norm vectors)."""
+
+PARITY_TEXTS = [
+    "What is the capital of France?",
+    "Paris is the capital and most populous city of France.",
+    "Mitochondria are the powerhouse of the cell.",
+    "a",
+    "A long text " + "with many repeated words " * 80,
+]
+
+
+class ExportError(RunError):
+    """The checkpoint cannot be exported as asked."""
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    max_abs_diff: float
+    tolerance: float
+
+
+def model_folder(checkpoint: str | Path) -> Path:
+    """The model inside a checkpoint: `step_N/model`, `best/`, or a model folder itself."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ExportError(f"{path}: not found")
+    if (path / STATE_FILE).exists():
+        path = path / "model"
+    if not (path / ENCODER_FILE).exists():
+        raise ExportError(
+            f"{path}: not an embtrain model ({ENCODER_FILE} missing); give a checkpoint step_N folder, "
+            "a run's best/ folder or a model folder written by embtrain"
+        )
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    if not (path / "config.json").exists() or not weights:
+        raise ExportError(f"{path}: incomplete checkpoint (config.json or weights missing)")
+    return path
+
+
+def load_checked(folder: Path) -> Encoder:
+    config = saved_model_config(str(folder))
+    try:
+        return Encoder.from_config(config)
+    except Exception as exc:  # corrupt weights surface as many different errors
+        raise ExportError(f"{folder}: cannot load the model: {type(exc).__name__}: {exc}") from None
+
+
+def _pooling_config(pooling: str, dim: int) -> dict:
+    return {
+        "word_embedding_dimension": dim,
+        "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": pooling == "last_token",
+        "include_prompt": True,
+    }
+
+
+def write_folder(encoder: Encoder, out: Path, dtype: str, truncate_dim: int | None) -> None:
+    config = encoder.config
+    backbone = encoder.backbone.to(DTYPES[dtype])
+    backbone.save_pretrained(out, safe_serialization=True)
+    encoder.tokenizer.save_pretrained(out)
+    st_config: dict = {"max_seq_length": config.max_seq_length, "do_lower_case": False}
+    if "add_pooling_layer" in inspect.signature(type(encoder.backbone).__init__).parameters:
+        st_config["model_args"] = {"add_pooling_layer": False}  # trained without the unused pooler head
+    (out / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2))
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    (out / "1_Pooling").mkdir()
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(_pooling_config(config.pooling, encoder.dim), indent=2))
+    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    if truncate_dim is not None:
+        dense = out / "2_Dense"
+        dense.mkdir()
+        (dense / "config.json").write_text(
+            json.dumps(
+                {
+                    "in_features": encoder.dim,
+                    "out_features": truncate_dim,
+                    "bias": False,
+                    "activation_function": "torch.nn.modules.linear.Identity",
+                },
+                indent=2,
+            )
+        )
+        weight = torch.eye(encoder.dim)[:truncate_dim].contiguous()  # keeps the first truncate_dim values
+        save_file({"linear.weight": weight}, str(dense / "model.safetensors"))
+        modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
+    if config.normalize:
+        index = len(modules)
+        modules.append(
+            {"idx": index, "name": str(index), "path": f"{index}_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
+        (out / f"{index}_Normalize").mkdir()
+    (out / "modules.json").write_text(json.dumps(modules, indent=2))
+    prompts = {}
+    if config.query_prompt:
+        prompts["query"] = config.query_prompt
+    if config.document_prompt:
+        prompts["document"] = config.document_prompt
+    (out / "config_sentence_transformers.json").write_text(
+        json.dumps(
+            {
+                "prompts": prompts,
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine" if config.normalize else "dot",
+            },
+            indent=2,
+        )
+    )
+
+
+def reference_embeddings(encoder: Encoder, texts: list[str], truncate_dim: int | None, is_query: bool) -> torch.Tensor:
+    """What the trainer's encoder gives, truncated (then re-normalised) like the exported folder."""
+    embeddings = encoder.encode(texts, is_query=is_query, batch_size=8)
+    if truncate_dim is not None:
+        embeddings = embeddings[:, :truncate_dim]
+        if encoder.config.normalize:
+            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
+    return embeddings
+
+
+def exported_embeddings(folder: Path, texts: list[str], prompt: str) -> torch.Tensor:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), device="cpu")
+    model.float()  # compare in fp32: half-precision exports are checked for their rounding only
+    return model.encode([prompt + t for t in texts], convert_to_tensor=True, batch_size=8).float().cpu()
+
+
+def export(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "fp32",
+    truncate_dim: int | None = None,
+    overwrite: bool = False,
+    check: bool = True,
+) -> ExportResult:
+    """Export, then check parity on fixed texts (queries and documents, with their prompts)."""
+    source = model_folder(checkpoint)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    encoder = load_checked(source)
+    if truncate_dim is not None and not 0 < truncate_dim <= encoder.dim:
+        raise ExportError(f"--dim {truncate_dim} must be between 1 and the model's {encoder.dim}")
+    expected_queries = reference_embeddings(encoder, PARITY_TEXTS, truncate_dim, is_query=True)
+    expected_docs = reference_embeddings(encoder, PARITY_TEXTS, truncate_dim, is_query=False)
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_folder(encoder, tmp, dtype, truncate_dim)
+    diff = 0.0
+    if check:
+        got_queries = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.query_prompt)
+        got_docs = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.document_prompt)
+        diff = max((got_queries - expected_queries).abs().max().item(), (got_docs - expected_docs).abs().max().item())
+        if diff > PARITY_TOLERANCE[dtype]:
+            raise ExportError(
+                f"parity check failed: exported embeddings differ from the trainer's by {diff:.2e} "
+                f"(tolerance {PARITY_TOLERANCE[dtype]:.0e} for {dtype}); the export is left in {tmp}"
+            )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return ExportResult(out, diff, PARITY_TOLERANCE[dtype])
