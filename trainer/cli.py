@@ -1,4 +1,4 @@
-"""`embtrain` command line: train | validate | eval."""
+"""`embtrain` command line: train | validate | eval | export | push."""
 
 from __future__ import annotations
 
@@ -135,6 +135,17 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from trainer.export.hub import plan_push, push
+
+    if args.dry_run:
+        print(plan_push(args.folder, args.repo_id, args.revision).describe())
+        return 0
+    url = push(args.folder, args.repo_id, private=args.private, revision=args.revision, create_pr=args.create_pr)
+    print(f"pushed {args.folder} to {url}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embtrain", description="Train contrastive text-embedding models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--language", nargs="+", help="language codes for the card metadata, e.g. en")
     export.add_argument("--license", help="licence for the card metadata, e.g. apache-2.0")
     export.set_defaults(func=cmd_export)
+
+    push = commands.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
+    push.add_argument("folder", help="folder written by embtrain export")
+    push.add_argument("--repo-id", required=True, help="USER/NAME or ORG/NAME")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", help="branch to push to (created if missing)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--dry-run", action="store_true", help="list what would be uploaded and stop")
+    push.set_defaults(func=cmd_push)
     return parser
 
 
