@@ -109,7 +109,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from trainer.export.sentence_transformers_folder import export
 
     result = export(
-        args.checkpoint, args.out, dtype=args.dtype, truncate_dim=args.dim, overwrite=args.overwrite, check=not args.no_check
+        args.checkpoint,
+        args.out,
+        dtype=args.dtype,
+        truncate_dim=args.dim,
+        overwrite=args.overwrite,
+        check=not args.no_check,
+        onnx=args.onnx,
     )
     checkpoint = Path(args.checkpoint)
     run_dir = checkpoint.parent if (checkpoint.parent / "recipe.yaml").exists() else None
@@ -131,6 +137,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(
             f"exported {result.folder}; parity with the trainer's embeddings: max |diff| "
             f"{result.max_abs_diff:.2e} <= {result.tolerance:.0e} ({args.dtype})"
+            + (f"; ONNX {result.onnx_max_abs_diff:.2e}" if result.onnx_max_abs_diff is not None else "")
         )
     return 0
 
@@ -184,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight precision")
     export.add_argument("--dim", type=int, help="truncate embeddings to the first N dimensions (Matryoshka models)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
-    export.add_argument("--no-check", action="store_true", help="skip the parity check (needs sentence-transformers)")
+    export.add_argument("--onnx", action="store_true", help="also write onnx/model.onnx (pip install 'embtrain[onnx]')")
+    export.add_argument("--no-check", action="store_true", help="skip the parity checks")
     export.add_argument("--name", help="model name in the card, e.g. user/my-model (default: folder name)")
     export.add_argument("--language", nargs="+", help="language codes for the card metadata, e.g. en")
     export.add_argument("--license", help="licence for the card metadata, e.g. apache-2.0")

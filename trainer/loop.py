@@ -228,11 +228,10 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
     # ---------------------------------------------------------------- train
     encoder.train()
     cross_device = training.cross_device_negatives and accelerator.num_processes > 1
-    pairs_per_step = recipe.data.batch_size * accelerator.num_processes * training.gradient_accumulation_steps
     progress = tqdm(
         total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
     )
-    started, steps_timed = time.perf_counter(), 0
+    started, pairs_timed = time.perf_counter(), 0
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # mean loss per logging interval
     metrics: dict[str, float] = {}
     preemption = PreemptionWatch()
@@ -253,18 +252,18 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
                 optimizer.step()
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
+            pairs_timed += batch.size * accelerator.num_processes
             loss_sum += loss.detach()
             loss_count += 1
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
             state.step += 1
-            steps_timed += 1
             progress.update(1)
 
             if state.step % recipe.logging.log_every_steps == 0:
                 # one host sync per logging interval, not per step
-                pairs_per_s = steps_timed * pairs_per_step / (time.perf_counter() - started)
+                pairs_per_s = pairs_timed / (time.perf_counter() - started)
                 logged = {"loss": (loss_sum / loss_count).item(), "lr": scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s}
                 if len(parts) > 1:
                     logged.update({f"loss/{k}": v.item() for k, v in parts.items()})
@@ -277,11 +276,11 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
                 metrics = evals.run(accelerator, encoder)
                 metrics_log.write(state.step, metrics)
                 evals.update_best(accelerator, encoder, metrics, state)
-                started, steps_timed = time.perf_counter(), 0  # throughput counts training only
+                started, pairs_timed = time.perf_counter(), 0  # throughput counts training only
             every = recipe.checkpointing.every_steps
             if every and state.step % every == 0 and not done:
                 save_checkpoint(accelerator, encoder, state, run_dir, recipe.checkpointing.keep_last)
-                started, steps_timed = time.perf_counter(), 0
+                started, pairs_timed = time.perf_counter(), 0
             if done:
                 break
             if preemption.should_stop(accelerator):

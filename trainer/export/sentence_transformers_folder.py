@@ -47,6 +47,7 @@ class ExportResult:
     folder: Path
     max_abs_diff: float
     tolerance: float
+    onnx_max_abs_diff: float | None = None
 
 
 def model_folder(checkpoint: str | Path) -> Path:
@@ -168,6 +169,7 @@ def export(
     truncate_dim: int | None = None,
     overwrite: bool = False,
     check: bool = True,
+    onnx: bool = False,
 ) -> ExportResult:
     """Export, then check parity on fixed texts (queries and documents, with their prompts)."""
     source = model_folder(checkpoint)
@@ -184,6 +186,18 @@ def export(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    onnx_diff = None
+    if onnx:  # before write_folder, which casts the weights to `dtype`; ONNX stays fp32
+        from trainer.export.onnx import ONNX_TOLERANCE, onnx_embeddings, write_onnx
+
+        write_onnx(encoder, tmp)
+        if check:
+            got = onnx_embeddings(tmp, encoder, PARITY_TEXTS, encoder.config.query_prompt, truncate_dim)
+            onnx_diff = (got - expected_queries).abs().max().item()
+            if onnx_diff > ONNX_TOLERANCE:
+                raise ExportError(
+                    f"ONNX parity check failed: {onnx_diff:.2e} > {ONNX_TOLERANCE:.0e}; the export is left in {tmp}"
+                )
     write_folder(encoder, tmp, dtype, truncate_dim)
     diff = 0.0
     if check:
@@ -198,4 +212,4 @@ def export(
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return ExportResult(out, diff, PARITY_TOLERANCE[dtype])
+    return ExportResult(out, diff, PARITY_TOLERANCE[dtype], onnx_diff)

@@ -140,3 +140,17 @@ checkpointing: {{output_dir: {tmp_path / 'runs'}}}
     encoder = Encoder.from_config(ModelConfig(name_or_path=str(tmp_path / "runs" / "card" / "step_4" / "model"),
                                               max_seq_length=16, query_prompt="q: "))
     assert (fresh - encoder.encode(["apple"], is_query=True)).abs().max().item() <= 1e-5
+
+
+def test_onnx_export_matches_within_its_tolerance(tmp_path, tiny_model):
+    pytest.importorskip("onnxruntime")
+    from trainer.export.onnx import ONNX_FILE, ONNX_TOLERANCE, onnx_embeddings
+
+    source = embtrain_model(tiny_model, tmp_path / "model", query_prompt="q: ")
+    result = export(source, tmp_path / "st", onnx=True)
+    assert (tmp_path / "st" / ONNX_FILE).exists()
+    assert result.onnx_max_abs_diff is not None and result.onnx_max_abs_diff <= ONNX_TOLERANCE
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(source), max_seq_length=32, query_prompt="q: "))
+    texts = ["a text never seen by the exporter", "apple river engine"]
+    got = onnx_embeddings(tmp_path / "st", encoder, texts, "q: ", None)
+    assert (got - encoder.encode(texts, is_query=True)).abs().max().item() <= ONNX_TOLERANCE
