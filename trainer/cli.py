@@ -130,6 +130,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         prompts=st_config["prompts"],
         language=args.language,
         license=args.license,
+        base_model=args.base_model,
+        datasets=args.datasets,
     )
     if args.no_check:
         print(f"exported {result.folder} (parity not checked)")
@@ -196,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--name", help="model name in the card, e.g. user/my-model (default: folder name)")
     export.add_argument("--language", nargs="+", help="language codes for the card metadata, e.g. en")
     export.add_argument("--license", help="licence for the card metadata, e.g. apache-2.0")
+    export.add_argument("--base-model", help="Hub id of the base model for the card (default: the recipe's, if a Hub id)")
+    export.add_argument("--datasets", nargs="+", help="Hub ids of the training data sets for the card metadata")
     export.set_defaults(func=cmd_export)
 
     push = commands.add_parser("push", help="upload an exported folder to the Hugging Face Hub")

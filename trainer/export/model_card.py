@@ -100,6 +100,8 @@ def write_model_card(
     prompts: dict[str, str],
     language: list[str] | None = None,
     license: str | None = None,
+    base_model: str | None = None,
+    datasets: list[str] | None = None,
 ) -> Path:
     record = read_run(run_dir)
     recipe = record.recipe or {}
@@ -112,9 +114,11 @@ def write_model_card(
         "pipeline_tag": "sentence-similarity",
         "tags": ["sentence-transformers", "feature-extraction", "sentence-similarity", "embtrain"],
     }
-    base = _hub_id(recipe.get("model", {}).get("name_or_path", "")) if recipe else None
+    base = base_model or (_hub_id(recipe.get("model", {}).get("name_or_path", "")) if recipe else None)
     if base:
         metadata["base_model"] = base
+    if datasets:
+        metadata["datasets"] = datasets
     if language:
         metadata["language"] = language
     if license:
@@ -124,7 +128,7 @@ def write_model_card(
         metadata["model-index"] = model_index
 
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", "", f"# {name}", ""]
-    base_text = recipe.get("model", {}).get("name_or_path", "an unknown base model") if recipe else "an unknown base model"
+    base_text = base or (recipe.get("model", {}).get("name_or_path") if recipe else None) or "an unknown base model"
     lines += [
         f"A text-embedding model ({dimension} dimensions, {similarity} similarity) fine-tuned from "
         f"`{base_text}` with embtrain.",

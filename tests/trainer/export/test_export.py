@@ -115,12 +115,16 @@ checkpointing: {{output_dir: {tmp_path / 'runs'}}}
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     out = tmp_path / "exported"
-    code = main(["export", str(tmp_path / "runs" / "card" / "step_4"), "--out", str(out), "--name", "me/tiny", "--license", "mit"])
+    code = main([
+        "export", str(tmp_path / "runs" / "card" / "step_4"), "--out", str(out), "--name", "me/tiny",
+        "--license", "mit", "--base-model", "org/base", "--datasets", "org/pairs",
+    ])
     assert code == 0
     assert "parity with the trainer's embeddings" in capsys.readouterr().out
     card = (out / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
     assert metadata["library_name"] == "sentence-transformers" and metadata["license"] == "mit"
+    assert metadata["base_model"] == "org/base" and metadata["datasets"] == ["org/pairs"]
     final = [json.loads(l) for l in (tmp_path / "runs" / "card" / "metrics.jsonl").read_text().splitlines()][-1]
     ndcg = metadata["model-index"][0]["results"][0]["metrics"][0]
     assert ndcg == {"type": "ndcg_at_10", "value": round(final["tiny/ndcg@10"], 4)}

@@ -50,14 +50,26 @@ class FakeHub(BaseHTTPRequestHandler):
         if "/preupload/" in self.path:
             files = json.loads(raw)["files"]
             return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        if "/branch/" in self.path:
+            return self._reply(200, {})
+        if self.path.endswith("/discussions"):  # a pull request starts as a discussion
+            return self._reply(200, {"num": 1})
         if "/commit/" in self.path:
             lines = [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
             record["files"] = sorted(l["value"]["path"] for l in lines if l.get("key") == "file")
-            return self._reply(200, {"commitUrl": f"{base}/me/tiny/commit/{'a' * 40}", "commitOid": "a" * 40, "pullRequestUrl": None})
+            record["payload"] = raw.decode()
+            pr = f"{base}/me/tiny/discussions/1" if "refs%2Fpr%2F1" in self.path or "create_pr=1" in self.path else None
+            return self._reply(200, {"commitUrl": f"{base}/me/tiny/commit/{'a' * 40}", "commitOid": "a" * 40, "pullRequestUrl": pr})
         self._reply(404, {"error": f"not in the stand-in: POST {self.path}"})
 
     def do_GET(self) -> None:
         self.requests.append({"path": self.path, "auth": self.headers.get("Authorization")})
+        if self.path.split("?")[0].endswith("/discussions/1"):
+            return self._reply(200, {
+                "num": 1, "title": "Upload", "isPullRequest": True, "status": "draft",
+                "changes": {"base": "refs/heads/main"}, "filesWithConflicts": [], "events": [],
+                "createdAt": "2026-01-01T00:00:00.000Z", "repo": {"name": "me/tiny", "type": "model"},
+            })
         self._reply(404, {"error": f"not in the stand-in: GET {self.path}"})
 
 
@@ -99,6 +111,20 @@ def test_push_uploads_every_file_with_the_token_and_never_prints_it(exported, hu
     committed = next(r for r in requests if "files" in r)["files"]
     expected = sorted(str(p.relative_to(exported)) for p in exported.rglob("*") if p.is_file())
     assert committed == expected and "model.safetensors" in committed
+    payload = next(r for r in requests if "files" in r)["payload"]
+    assert TOKEN not in payload  # nor in any uploaded file
+
+
+def test_push_to_a_branch_and_as_a_pull_request(exported, hub):
+    endpoint, requests = hub
+    result = run_push(exported, endpoint, "--revision", "v2")
+    assert result.returncode == 0, result.stderr[-3000:] + str(requests)
+    assert any(r["path"].endswith("/branch/v2") for r in requests)
+    assert any("/commit/v2" in r["path"] for r in requests)
+    requests.clear()
+    result = run_push(exported, endpoint, "--create-pr")
+    assert result.returncode == 0, result.stderr[-3000:] + str(requests)
+    assert "/me/tiny/discussions/1" in result.stdout
 
 
 def test_dry_run_lists_files_and_sends_nothing(exported, hub):
