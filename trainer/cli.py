@@ -210,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--dry-run", action="store_true", help="list what would be uploaded and stop")
     push.set_defaults(func=cmd_push)
+
+    prep = commands.add_parser("prep", help="data preparation tools (data_prep/)")
+    tools = prep.add_subparsers(dest="tool", required=True)
+    mine = tools.add_parser("mine", help="mine hard negatives with an embedding model")
+    from data_prep.mine import add_arguments as mine_arguments, run as mine_run
+
+    mine_arguments(mine)
+    mine.set_defaults(func=mine_run)
     return parser
 
 

