@@ -8,9 +8,10 @@ are errors that name the key and the file (see `trainer.schema`).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -216,6 +217,7 @@ class TrainingConfig:
 class RetrievalEvalConfig:
     """Exact-search retrieval on a BEIR folder: nDCG@10, MRR@10, Recall@10, Recall@100."""
 
+    METRICS: ClassVar[tuple[str, ...]] = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
     kind: Literal["retrieval"]
     name: str
     """Prefix of the metric names, e.g. `scifact` gives `scifact/ndcg@10`."""
@@ -232,6 +234,7 @@ class RetrievalEvalConfig:
 class STSEvalConfig:
     """Spearman correlation between cosine similarity and gold scores of sentence pairs."""
 
+    METRICS: ClassVar[tuple[str, ...]] = ("spearman",)
     kind: Literal["sts"]
     name: str
     path: str
@@ -317,10 +320,12 @@ class Recipe:
         if len(set(names)) != len(names):
             raise ValueError(f"evaluation.sets names must be unique, got {names}")
         best = self.evaluation.metric_for_best
-        if best is not None and best.split("/")[0] not in names:
-            raise ValueError(
-                f"evaluation.metric_for_best {best!r} does not start with an evaluation set name {names}"
-            )
+        if best is not None:
+            known = [f"{s.name}/{m}" for s in self.evaluation.sets for m in s.METRICS]
+            if best not in known:
+                close = difflib.get_close_matches(best, known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; one of {known}"
+                raise ValueError(f"evaluation.metric_for_best {best!r} is not a metric of evaluation.sets{hint}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

@@ -73,9 +73,8 @@ def cached_step(
     with torch.enable_grad():
         loss, parts = loss_fn(query, positive, negatives)
         grads = torch.autograd.grad(loss, leaves)
-    # every process computed the same global loss; DDP will average the W parameter gradients
-    scale = world_size() if cross_device else 1
-    grads = [local_rows(g, batch.size) * scale if cross_device else g for g in grads]
+    if cross_device:  # every process computed the same global loss; DDP averages the W gradients
+        grads = [local_rows(g, batch.size) * world_size() for g in grads]
     query_grad = grads[0]
     document_grad = torch.cat([grads[1]] + ([grads[2].reshape(-1, grads[2].shape[-1])] if len(grads) == 3 else []))
 

@@ -117,3 +117,12 @@ def test_invalid_yaml_names_file(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read recipe"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_metric_for_best_names_a_known_metric(tmp_path):
+    text = BASE + (
+        "evaluation:\n  sets:\n    - kind: retrieval\n      name: sf\n      path: x\n"
+        "  metric_for_best: sf/ndcg10\n"
+    )
+    with pytest.raises(ValueError, match="did you mean 'sf/ndcg@10'"):
+        load_recipe(write(tmp_path, text))
