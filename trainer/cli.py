@@ -218,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     mine_arguments(mine)
     mine.set_defaults(func=mine_run)
+    leakage = tools.add_parser("leakage", help="drop training rows whose query occurs in evaluation data")
+    from data_prep.leakage import add_arguments as leakage_arguments, run as leakage_run
+
+    leakage_arguments(leakage)
+    leakage.set_defaults(func=leakage_run)
     return parser
 
 

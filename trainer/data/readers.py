@@ -37,7 +37,7 @@ def read_source(source: TrainSource) -> list[Example]:
     return examples
 
 
-def _load_table(path: str, fmt: str):
+def load_table(path: str, fmt: str):
     import datasets
 
     if fmt == "auto":
@@ -69,7 +69,7 @@ def _check_text(path: str, row: int, column: str, value: object) -> str:
 
 
 def read_pairs(source: PairsSource) -> list[Example]:
-    table = _load_table(source.path, source.format)
+    table = load_table(source.path, source.format)
     wanted = [source.query_column, source.positive_column]
     if source.negatives_column is not None:
         wanted.append(source.negatives_column)
