@@ -132,3 +132,17 @@ def test_flat_config_for_trackers():
 
     flat = flat_config({"a": {"b": 1, "c": None}, "l": [{"k": "x"}, 2.5]})
     assert flat == {"a.b": 1, "a.c": "null", "l.0.k": "x", "l.1": 2.5}
+
+
+def test_eval_cache_key_follows_what_changes_embeddings(tiny_model, tiny_beir):
+    from trainer.config import ModelConfig, RetrievalEvalConfig
+    from trainer.evaluation.cache import cache_key
+
+    eval_set = RetrievalEvalConfig(kind="retrieval", name="t", path=str(tiny_beir))
+    base = cache_key(ModelConfig(name_or_path=str(tiny_model)), eval_set)
+    assert base is not None
+    assert cache_key(ModelConfig(name_or_path=str(tiny_model), gradient_checkpointing=True), eval_set) == base
+    assert cache_key(ModelConfig(name_or_path=str(tiny_model), query_prompt="q: "), eval_set) != base
+    assert cache_key(ModelConfig(name_or_path=str(tiny_model)), RetrievalEvalConfig(
+        kind="retrieval", name="t", path=str(tiny_beir), max_queries=3)) != base
+    assert cache_key(ModelConfig(name_or_path="some/hub-model"), eval_set) is None

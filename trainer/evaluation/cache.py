@@ -38,8 +38,8 @@ def cache_key(model: ModelConfig, eval_set: EvalSetConfig) -> str | None:
     weights = _weights_digest(folder)
     if weights is None:
         return None
-    settings = asdict(model)
-    settings.pop("name_or_path")
+    # only what changes the embeddings
+    settings = {k: getattr(model, k) for k in ("pooling", "normalize", "max_seq_length", "query_prompt", "document_prompt")}
     eval_settings = asdict(eval_set)
     eval_settings["path"] = str(Path(eval_set.path).resolve())
     blob = json.dumps([CACHE_VERSION, weights, settings, eval_settings], sort_keys=True)
