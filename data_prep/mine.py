@@ -229,9 +229,11 @@ def run(args: argparse.Namespace) -> int:
         source = {"pairs": args.pairs, "corpus": args.corpus}
     import torch
 
+    from trainer.checkpoint import model_dir
     from trainer.model.encoder import Encoder, saved_model_config
 
-    config = saved_model_config(args.model) or ModelConfig(name_or_path=args.model)
+    model = str(model_dir(args.model))  # a checkpoint step_N folder holds its model in model/
+    config = saved_model_config(model) or ModelConfig(name_or_path=model)
     if args.max_seq_length:
         config.max_seq_length = args.max_seq_length
     encoder = Encoder.from_config(config)

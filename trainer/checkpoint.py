@@ -33,6 +33,12 @@ class TrainState:
     best_step: int | None = None
 
 
+def model_dir(path: str | Path) -> Path:
+    """The Hugging Face model inside a checkpoint `step_N/` folder, or `path` itself."""
+    path = Path(path)
+    return path / "model" if (path / STATE_FILE).exists() else path
+
+
 def step_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     found = []

@@ -20,13 +20,6 @@ from trainer.data.readers import path_exists
 from trainer.errors import PREEMPTED_EXIT_CODE, Preempted, RunError
 
 
-def _model_folder(path: str) -> str:
-    """A checkpoint folder `step_N/` holds its model under `model/`."""
-    if (Path(path) / "model").is_dir() and (Path(path) / "trainer_state.json").exists():
-        return str(Path(path) / "model")
-    return path
-
-
 def check_paths(recipe) -> list[str]:
     """Data files and folders the recipe names that do not exist."""
     missing = []
@@ -60,10 +53,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import model_dir
     from trainer.evaluation import build_evaluator
     from trainer.model.encoder import Encoder, saved_model_config
 
-    path = _model_folder(args.model)
+    path = str(model_dir(args.model))
     config = saved_model_config(path) or ModelConfig(name_or_path=path)
     for field in ("pooling", "max_seq_length", "query_prompt", "document_prompt"):
         if getattr(args, field) is not None:

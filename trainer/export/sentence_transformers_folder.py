@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from trainer.checkpoint import STATE_FILE
+from trainer.checkpoint import model_dir
 from trainer.errors import RunError
 from trainer.model.encoder import ENCODER_FILE, Encoder, saved_model_config
 
@@ -52,11 +52,9 @@ class ExportResult:
 
 def model_folder(checkpoint: str | Path) -> Path:
     """The model inside a checkpoint: `step_N/model`, `best/`, or a model folder itself."""
-    path = Path(checkpoint)
-    if not path.exists():
-        raise ExportError(f"{path}: not found")
-    if (path / STATE_FILE).exists():
-        path = path / "model"
+    if not Path(checkpoint).exists():
+        raise ExportError(f"{checkpoint}: not found")
+    path = model_dir(checkpoint)
     if not (path / ENCODER_FILE).exists():
         raise ExportError(
             f"{path}: not an embtrain model ({ENCODER_FILE} missing); give a checkpoint step_N folder, "
