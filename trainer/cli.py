@@ -217,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     leakage_arguments(leakage)
     leakage.set_defaults(func=leakage_run)
+    score = tools.add_parser("score", help="add a teacher's scores (embedding model or cross-encoder)")
+    from data_prep.score import add_arguments as score_arguments, run as score_run
+
+    score_arguments(score)
+    score.set_defaults(func=score_run)
     return parser
 
 

@@ -1,0 +1,121 @@
+"""Annotate training rows with a teacher's scores, for distillation.
+
+    embtrain prep score --train data/mined.jsonl --teacher BAAI/bge-base-en-v1.5 --out data/scored.jsonl
+    embtrain prep score --train data/mined.jsonl --cross-encoder cross-encoder/ms-marco-MiniLM-L6-v2 --out ...
+
+Adds `teacher_scores` to every row: the teacher's score of the positive, then of each hard
+negative, in the row's order. With `--teacher` the score is the dot product of the teacher's
+embeddings (cosine when it normalises); with `--cross-encoder` it is the first logit of a
+sequence-classification model on (query, document). Writes `<out>.manifest.json` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from trainer.data.errors import DataError
+from trainer.data.readers import load_table
+
+
+def documents_of(row: dict, positive_column: str, negatives_column: str | None) -> list[str]:
+    return [row[positive_column]] + (list(row[negatives_column]) if negatives_column else [])
+
+
+def embedding_scores(rows, model: str, query_column, positive_column, negatives_column, batch_size) -> list[list[float]]:
+    from trainer.checkpoint import model_dir
+    from trainer.config import ModelConfig
+    from trainer.model.encoder import Encoder, saved_model_config
+
+    path = str(model_dir(model))
+    encoder = Encoder.from_config(saved_model_config(path) or ModelConfig(name_or_path=path))
+    queries = encoder.encode([r[query_column] for r in rows], is_query=True, batch_size=batch_size, progress="queries")
+    flat = [d for r in rows for d in documents_of(r, positive_column, negatives_column)]
+    documents = encoder.encode(flat, is_query=False, batch_size=batch_size, progress="documents")
+    scores, start = [], 0
+    for i, row in enumerate(rows):
+        count = len(documents_of(row, positive_column, negatives_column))
+        scores.append([round(float(v), 6) for v in documents[start : start + count] @ queries[i]])
+        start += count
+    return scores
+
+
+def cross_encoder_scores(rows, model: str, query_column, positive_column, negatives_column, batch_size) -> list[list[float]]:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    scorer = AutoModelForSequenceClassification.from_pretrained(model).eval()
+    pairs = [(i, r[query_column], d) for i, r in enumerate(rows) for d in documents_of(r, positive_column, negatives_column)]
+    values: list[float] = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(pairs), batch_size), desc="pairs"):
+            chunk = pairs[start : start + batch_size]
+            features = tokenizer([q for _, q, _ in chunk], [d for _, _, d in chunk], padding=True,
+                                 truncation=True, max_length=512, return_tensors="pt")
+            values += scorer(**features).logits[:, 0].float().tolist()
+    scores: list[list[float]] = [[] for _ in rows]
+    for (i, _, _), value in zip(pairs, values):
+        scores[i].append(round(value, 6))
+    return scores
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train", required=True, help="rows to score: jsonl, csv, tsv or parquet")
+    teacher = parser.add_mutually_exclusive_group(required=True)
+    teacher.add_argument("--teacher", help="embedding model: folder, checkpoint, Hub id or package:NAME")
+    teacher.add_argument("--cross-encoder", help="sequence-classification model scoring (query, document)")
+    parser.add_argument("--query-column", default="query")
+    parser.add_argument("--positive-column", default="positive")
+    parser.add_argument("--negatives-column", default="negatives", help="list of hard negatives ('' for none)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise DataError(f"{out} exists; pass --overwrite to replace it")
+    table = load_table(args.train, "auto")
+    negatives_column = args.negatives_column or None
+    for column in [args.query_column, args.positive_column] + ([negatives_column] if negatives_column else []):
+        if column not in table.column_names:
+            raise DataError(f"{args.train}: missing column '{column}' (columns: {table.column_names})")
+    rows = table.to_list()
+    columns = (args.query_column, args.positive_column, negatives_column, args.batch_size)
+    if args.teacher:
+        scores = embedding_scores(rows, args.teacher, *columns)
+    else:
+        scores = cross_encoder_scores(rows, args.cross_encoder, *columns)
+    for row, row_scores in zip(rows, scores):
+        row["teacher_scores"] = row_scores
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    manifest = {
+        "tool": "embtrain prep score",
+        "train": args.train,
+        "teacher": args.teacher,
+        "cross_encoder": args.cross_encoder,
+        "rows": len(rows),
+        "scores_per_row": "positive first, then each negative in order",
+        "sha256": hashlib.sha256(text.encode()).hexdigest(),
+    }
+    out.with_name(out.name + ".manifest.json").write_text(json.dumps(manifest, indent=2))
+    print(f"scored {len(rows)} rows with {args.teacher or args.cross_encoder}; wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.score", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
