@@ -68,6 +68,16 @@ class PairsSource:
     """Column holding a list of hard-negative texts (jsonl/parquet), if any."""
     max_examples: int | None = None
     """Use only the first N rows (for quick experiments)."""
+    name: str | None = None
+    """Name in logs; defaults to the path."""
+    weight: float | None = None
+    """Sampling weight against the other sources. Unset everywhere: every pair once per epoch.
+    Set on every source: an epoch draws (total pairs x weight / sum of weights) pairs from each,
+    cycling through a small source and subsampling a large one."""
+    query_prompt: str | None = None
+    """Query prefix for this source's pairs, instead of model.query_prompt."""
+    document_prompt: str | None = None
+    """Document prefix for this source's pairs, instead of model.document_prompt."""
 
 
 @dataclass
@@ -83,6 +93,16 @@ class BeirSource:
     """A qrel counts as a positive when its score is at least this."""
     max_examples: int | None = None
     """Use only the first N pairs (for quick experiments)."""
+    name: str | None = None
+    """Name in logs; defaults to the path."""
+    weight: float | None = None
+    """Sampling weight against the other sources. Unset everywhere: every pair once per epoch.
+    Set on every source: an epoch draws (total pairs x weight / sum of weights) pairs from each,
+    cycling through a small source and subsampling a large one."""
+    query_prompt: str | None = None
+    """Query prefix for this source's pairs, instead of model.query_prompt."""
+    document_prompt: str | None = None
+    """Document prefix for this source's pairs, instead of model.document_prompt."""
 
 
 TrainSource = PairsSource | BeirSource
@@ -102,10 +122,18 @@ class DataConfig:
     """Shuffle pairs each epoch (seeded)."""
     num_workers: int = 0
     """DataLoader worker processes for tokenisation."""
+    batching: Literal["homogeneous", "mixed"] = "homogeneous"
+    """With several sources: every batch from one source (in-batch negatives of the same task),
+    or batches that mix all sources."""
 
     def __post_init__(self) -> None:
         if not self.train:
             raise ValueError("train needs at least one source")
+        weighted = [s.weight is not None for s in self.train]
+        if any(weighted) and not all(weighted):
+            raise ValueError("set weight on every training source or on none")
+        if any(s.weight is not None and s.weight <= 0 for s in self.train):
+            raise ValueError("source weights must be > 0")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
         if self.num_negatives is not None and self.num_negatives < 0:

@@ -163,6 +163,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
     # ---------------------------------------------------------------- data and model
     examples = read_training_data(recipe.data.train, recipe.data.num_negatives)
     encoder = Encoder.from_config(recipe.model)
+    sources = recipe.data.train
     sampler = NoDuplicatesBatchSampler(
         examples,
         recipe.data.batch_size,
@@ -170,10 +171,17 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
         shuffle=recipe.data.shuffle,
         num_replicas=accelerator.num_processes,
         rank=accelerator.process_index,
+        weights=[s.weight for s in sources] if sources[0].weight is not None else None,
+        homogeneous=recipe.data.batching == "homogeneous",
     )
-    collator = Collator(
-        encoder.tokenizer, recipe.model.max_seq_length, recipe.model.query_prompt, recipe.model.document_prompt
-    )
+    prompts = [
+        (
+            recipe.model.query_prompt if s.query_prompt is None else s.query_prompt,
+            recipe.model.document_prompt if s.document_prompt is None else s.document_prompt,
+        )
+        for s in sources
+    ]
+    collator = Collator(encoder.tokenizer, recipe.model.max_seq_length, prompts)
     # its own generator: starting an epoch must not draw from the global RNG that dropout uses,
     # or a resumed run would diverge from an uninterrupted one
     loader = DataLoader(

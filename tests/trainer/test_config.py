@@ -126,3 +126,13 @@ def test_metric_for_best_names_a_known_metric(tmp_path):
     )
     with pytest.raises(ValueError, match="did you mean 'sf/ndcg@10'"):
         load_recipe(write(tmp_path, text))
+
+
+def test_weights_on_all_sources_or_none(tmp_path):
+    two = BASE + "    - kind: pairs\n      path: other.jsonl\n"
+    with pytest.raises(ValueError, match="weight on every training source or on none"):
+        load_recipe(write(tmp_path, two.replace("path: pairs.jsonl", "path: pairs.jsonl\n      weight: 2")))
+    with pytest.raises(ValueError, match="weights must be > 0"):
+        load_recipe(write(tmp_path, BASE + "      weight: 0\n"))
+    recipe = load_recipe(write(tmp_path, two + "  batching: mixed\n"))
+    assert recipe.data.batching == "mixed" and len(recipe.data.train) == 2

@@ -146,3 +146,20 @@ def test_eval_cache_key_follows_what_changes_embeddings(tiny_model, tiny_beir):
     assert cache_key(ModelConfig(name_or_path=str(tiny_model)), RetrievalEvalConfig(
         kind="retrieval", name="t", path=str(tiny_beir), max_queries=3)) != base
     assert cache_key(ModelConfig(name_or_path="some/hub-model"), eval_set) is None
+
+
+def test_two_weighted_sources_with_their_own_prompts_train(tmp_path, tiny_model, pairs_file, tiny_beir):
+    path = recipe_file(tmp_path, tiny_model, pairs_file, tiny_beir)
+    sources = (
+        f"[{{kind: pairs, path: {pairs_file}, negatives_column: negatives, weight: 3, query_prompt: 'what '}},"
+        f" {{kind: beir, path: {tiny_beir}, split: train, max_examples: 16, weight: 1}}]"
+    )
+    recipe = load_recipe(path, [
+        f"data.train={sources}", "data.num_negatives=0", "training.max_steps=null", "training.epochs=1",
+        "evaluation.sets=[]", "evaluation.metric_for_best=null",
+    ])
+    train(recipe)
+    rows = [json.loads(line) for line in (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    # 80 pairs per epoch: 60 from the first source (batches 7 x 8 + 4), 20 from the second
+    # (its 16 pairs, cycled: 8 + 8 + 4), one source per batch
+    assert len(rows) == 11 and all(0 < r["loss"] < 10 for r in rows)

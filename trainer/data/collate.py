@@ -30,11 +30,11 @@ class ContrastiveBatch:
 class Collator:
     """Adds the recipe's prompts and tokenises; runs in DataLoader workers."""
 
-    def __init__(self, tokenizer, max_seq_length: int, query_prompt: str = "", document_prompt: str = "") -> None:
+    def __init__(self, tokenizer, max_seq_length: int, prompts: list[tuple[str, str]] | None = None) -> None:
         self.tokenizer = tokenizer
         self.max_seq_length = max_seq_length
-        self.query_prompt = query_prompt
-        self.document_prompt = document_prompt
+        self.prompts = prompts or [("", "")]
+        """(query prompt, document prompt) for each training source."""
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return dict(
@@ -45,7 +45,7 @@ class Collator:
 
     def __call__(self, examples: list[Example]) -> ContrastiveBatch:
         num_negatives = len(examples[0].negatives)
-        queries = [self.query_prompt + e.query for e in examples]
-        documents = [self.document_prompt + e.positive for e in examples]
-        documents += [self.document_prompt + n for e in examples for n in e.negatives]
+        queries = [self.prompts[e.source][0] + e.query for e in examples]
+        documents = [self.prompts[e.source][1] + e.positive for e in examples]
+        documents += [self.prompts[e.source][1] + n for e in examples for n in e.negatives]
         return ContrastiveBatch(self.tokenize(queries), self.tokenize(documents), num_negatives)

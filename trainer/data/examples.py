@@ -10,3 +10,5 @@ class Example:
     query: str
     positive: str
     negatives: tuple[str, ...] = field(default_factory=tuple)
+    source: int = 0
+    """Index of the training source (data.train) it came from."""

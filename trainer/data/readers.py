@@ -131,8 +131,9 @@ def select_negatives(examples: list[Example], num_negatives: int | None, name: s
 def read_training_data(sources: list[TrainSource], num_negatives: int | None) -> list[Example]:
     """All sources, concatenated, each with exactly `num_negatives` hard negatives."""
     examples: list[Example] = []
-    for source in sources:
-        examples += select_negatives(read_source(source), num_negatives, source.path)
+    for index, source in enumerate(sources):
+        rows = select_negatives(read_source(source), num_negatives, source.name or source.path)
+        examples += [Example(e.query, e.positive, e.negatives, index) for e in rows]
     counts = {len(e.negatives) for e in examples}
     if len(counts) > 1:
         raise DataError(f"training sources have different numbers of hard negatives ({sorted(counts)}); set data.num_negatives")

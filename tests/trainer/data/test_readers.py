@@ -114,3 +114,23 @@ def test_sources_are_concatenated(pairs_file, tiny_beir):
         [pairs(pairs_file, max_examples=10), BeirSource(kind="beir", path=str(tiny_beir))], num_negatives=0
     )
     assert len(examples) == 38
+
+
+def test_collator_uses_each_sources_prompts():
+    import torch
+
+    from trainer.data.collate import Collator
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, texts, **kwargs):
+            self.calls.append(texts)
+            return {"input_ids": torch.zeros(len(texts), 2, dtype=torch.long)}
+
+    tokenizer = Recorder()
+    collator = Collator(tokenizer, 8, [("q0: ", "d0: "), ("q1: ", "d1: ")])
+    collator([Example("x", "y", ("n",), 0), Example("u", "v", ("m",), 1)])
+    assert tokenizer.calls[0] == ["q0: x", "q1: u"]
+    assert tokenizer.calls[1] == ["d0: y", "d1: v", "d0: n", "d1: m"]

@@ -48,3 +48,34 @@ def test_start_batch_skips_and_replicas_split():
     assert len(full) == len(batches) - 3
     shards = [list(NoDuplicatesBatchSampler(rows, 8, seed=0, num_replicas=2, rank=r)) for r in range(2)]
     assert shards[0] == batches[0::2] and shards[1] == batches[1::2]
+
+
+def two_sources(big=40, small=10):
+    return [Example(f"a{i}", f"pa{i}", (), 0) for i in range(big)] + [Example(f"b{i}", f"pb{i}", (), 1) for i in range(small)]
+
+
+def test_homogeneous_batches_come_from_one_source_and_use_every_pair_once():
+    rows = two_sources()
+    sampler = NoDuplicatesBatchSampler(rows, batch_size=5, seed=0)
+    batches = list(sampler)
+    assert all(len({rows[i].source for i in b}) == 1 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(50))
+    assert {rows[b[0]].source for b in batches} == {0, 1}
+
+
+def test_weights_set_pairs_per_source_and_cycle_small_sources():
+    rows = two_sources()
+    sampler = NoDuplicatesBatchSampler(rows, batch_size=5, seed=0, weights=[1.0, 1.0])
+    assert sampler.counts == [25, 25]
+    drawn = [i for b in sampler for i in b]
+    assert sum(rows[i].source == 0 for i in drawn) == 25 and sum(rows[i].source == 1 for i in drawn) == 25
+    assert set(i for i in drawn if rows[i].source == 1) == set(range(40, 50))  # every small-source pair, repeated
+    for batch in sampler:
+        assert len(set(batch)) == len(batch)  # a repeated pair never twice in one batch
+
+
+def test_mixed_batching_mixes_sources():
+    rows = two_sources()
+    batches = list(NoDuplicatesBatchSampler(rows, batch_size=10, seed=0, homogeneous=False))
+    assert any(len({rows[i].source for i in b}) == 2 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(50))
