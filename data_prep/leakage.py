@@ -11,12 +11,11 @@ kept rows (all columns) as jsonl, and `<out>.manifest.json` with the removed row
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import re
 import unicodedata
 from pathlib import Path
 
+from data_prep.output import check_output, write_jsonl
 from trainer.config import STSEvalConfig
 from trainer.data.beir import read_queries, read_qrels
 from trainer.data.errors import DataError
@@ -67,9 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.eval_beir and not args.eval_sts:
         raise DataError("give at least one --eval-beir FOLDER or --eval-sts FILE")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise DataError(f"{out} exists; pass --overwrite to replace it")
+    out = check_output(args.out, args.overwrite)
     evaluation: set[str] = set()
     for folder in args.eval_beir:
         evaluation |= beir_eval_queries(folder, args.split)
@@ -81,19 +78,14 @@ def run(args: argparse.Namespace) -> int:
     rows = table.to_list()
     leaks = set(find_leaks(rows, args.query_column, evaluation))
     kept = [row for i, row in enumerate(rows) if i not in leaks]
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in kept)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
     manifest = {
         "tool": "embtrain prep leakage",
         "train": args.train,
         "evaluation": {"beir": args.eval_beir, "split": args.split, "sts": args.eval_sts},
         "rows_in": len(rows),
-        "rows_out": len(kept),
         "removed_rows": sorted(i + 1 for i in leaks),
-        "sha256": hashlib.sha256(text.encode()).hexdigest(),
     }
-    out.with_name(out.name + ".manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_jsonl(kept, out, manifest)
     print(f"removed {len(leaks)} of {len(rows)} rows whose query occurs in the evaluation data; wrote {out}")
     return 0
 

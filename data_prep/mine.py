@@ -15,8 +15,6 @@ corpus embeddings plus one chunk of scores.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,8 +22,9 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from data_prep.output import check_output, write_jsonl
 from trainer.config import ModelConfig, PairsSource
-from trainer.data.beir import read_beir
+from trainer.data.beir import jsonl_rows, read_beir
 from trainer.data.errors import DataError
 from trainer.data.readers import read_source
 
@@ -106,17 +105,10 @@ def task_from_pairs(source: PairsSource, corpus_file: str | None = None) -> Mini
     for example in read_source(source):
         positives.setdefault(example.query, []).append(add(example.positive))
     if corpus_file:
-        path = Path(corpus_file)
-        for line_no, line in enumerate(path.open(encoding="utf-8"), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}, line {line_no}: invalid JSON: {exc.msg}") from None
+        for line_no, row in jsonl_rows(Path(corpus_file)):
             text = f"{row.get('title') or ''} {row.get('text') or ''}".strip()
             if not text:
-                raise DataError(f"{path}, line {line_no}: no 'text'")
+                raise DataError(f"{corpus_file}, line {line_no}: no 'text'")
             add(text)
     return MiningTask(queries=list(positives), corpus=corpus, positives=list(positives.values()))
 
@@ -179,16 +171,6 @@ def _passes_guard(score: float, positive_score: float, settings: MiningSettings)
     return True
 
 
-def write_output(rows: list[dict], out: Path, manifest: dict) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    out.write_text(text, encoding="utf-8")
-    manifest = {**manifest, "rows": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
-    manifest_path = out.with_name(out.name + ".manifest.json")
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    return manifest_path
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--beir", help="BEIR folder (queries, corpus and qrels)")
@@ -212,9 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise DataError(f"{out} exists; pass --overwrite to replace it")
+    out = check_output(args.out, args.overwrite)
     settings = MiningSettings(
         num_negatives=args.num_negatives, rank_min=args.ranks[0], rank_max=args.ranks[1], margin=args.margin,
         relative_margin=args.relative_margin, sampling=args.sampling, seed=args.seed, batch_size=args.batch_size,
@@ -252,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         "guarded_candidates": report.guarded,
         "seconds": round(time.time() - started, 1),
     }
-    manifest_path = write_output(rows, out, manifest)
+    manifest_path = write_jsonl(rows, out, manifest)
     print(
         f"wrote {len(rows)} rows to {out} ({report.dropped_short} pairs with fewer than "
         f"{settings.num_negatives} allowed negatives dropped; {report.guarded} candidates removed by the "

@@ -12,12 +12,10 @@ sequence-classification model on (query, document). Writes `<out>.manifest.json`
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from data_prep.output import check_output, write_jsonl
 from trainer.data.errors import DataError
 from trainer.data.readers import load_table
 
@@ -78,9 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise DataError(f"{out} exists; pass --overwrite to replace it")
+    out = check_output(args.out, args.overwrite)
     table = load_table(args.train, "auto")
     negatives_column = args.negatives_column or None
     for column in [args.query_column, args.positive_column] + ([negatives_column] if negatives_column else []):
@@ -94,19 +90,14 @@ def run(args: argparse.Namespace) -> int:
         scores = cross_encoder_scores(rows, args.cross_encoder, *columns)
     for row, row_scores in zip(rows, scores):
         row["teacher_scores"] = row_scores
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
     manifest = {
         "tool": "embtrain prep score",
         "train": args.train,
         "teacher": args.teacher,
         "cross_encoder": args.cross_encoder,
-        "rows": len(rows),
         "scores_per_row": "positive first, then each negative in order",
-        "sha256": hashlib.sha256(text.encode()).hexdigest(),
     }
-    out.with_name(out.name + ".manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_jsonl(rows, out, manifest)
     print(f"scored {len(rows)} rows with {args.teacher or args.cross_encoder}; wrote {out}")
     return 0
 

@@ -207,21 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = commands.add_parser("prep", help="data preparation tools (data_prep/)")
     tools = prep.add_subparsers(dest="tool", required=True)
-    mine = tools.add_parser("mine", help="mine hard negatives with an embedding model")
-    from data_prep.mine import add_arguments as mine_arguments, run as mine_run
+    from data_prep import leakage, mine, score
 
-    mine_arguments(mine)
-    mine.set_defaults(func=mine_run)
-    leakage = tools.add_parser("leakage", help="drop training rows whose query occurs in evaluation data")
-    from data_prep.leakage import add_arguments as leakage_arguments, run as leakage_run
-
-    leakage_arguments(leakage)
-    leakage.set_defaults(func=leakage_run)
-    score = tools.add_parser("score", help="add a teacher's scores (embedding model or cross-encoder)")
-    from data_prep.score import add_arguments as score_arguments, run as score_run
-
-    score_arguments(score)
-    score.set_defaults(func=score_run)
+    for name, module, help_text in (
+        ("mine", mine, "mine hard negatives with an embedding model"),
+        ("leakage", leakage, "drop training rows whose query occurs in evaluation data"),
+        ("score", score, "add a teacher's scores (embedding model or cross-encoder)"),
+    ):
+        tool = tools.add_parser(name, help=help_text)
+        module.add_arguments(tool)
+        tool.set_defaults(func=module.run)
     return parser
 
 

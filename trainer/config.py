@@ -51,46 +51,10 @@ class ModelConfig:
 # ----------------------------------------------------------------------------- data
 
 
-@dataclass
-class PairsSource:
-    """Rows of (query, positive, optional hard negatives) in jsonl, csv, tsv or parquet."""
+@dataclass(kw_only=True)
+class SourceOptions:
+    """Options every kind of training source has."""
 
-    kind: Literal["pairs"]
-    path: str
-    """File (or glob) to read, relative to the working directory."""
-    format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
-    """File format; `auto` picks it from the file extension."""
-    query_column: str = "query"
-    """Column holding the query text."""
-    positive_column: str = "positive"
-    """Column holding the relevant document text."""
-    negatives_column: str | None = None
-    """Column holding a list of hard-negative texts (jsonl/parquet), if any."""
-    max_examples: int | None = None
-    """Use only the first N rows (for quick experiments)."""
-    name: str | None = None
-    """Name in logs; defaults to the path."""
-    weight: float | None = None
-    """Sampling weight against the other sources. Unset everywhere: every pair once per epoch.
-    Set on every source: an epoch draws (total pairs x weight / sum of weights) pairs from each,
-    cycling through a small source and subsampling a large one."""
-    query_prompt: str | None = None
-    """Query prefix for this source's pairs, instead of model.query_prompt."""
-    document_prompt: str | None = None
-    """Document prefix for this source's pairs, instead of model.document_prompt."""
-
-
-@dataclass
-class BeirSource:
-    """A BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv; one pair per relevant qrel."""
-
-    kind: Literal["beir"]
-    path: str
-    """The BEIR folder."""
-    split: str = "train"
-    """Which qrels file to read: qrels/<split>.tsv."""
-    min_score: int = 1
-    """A qrel counts as a positive when its score is at least this."""
     max_examples: int | None = None
     """Use only the first N pairs (for quick experiments)."""
     name: str | None = None
@@ -105,13 +69,43 @@ class BeirSource:
     """Document prefix for this source's pairs, instead of model.document_prompt."""
 
 
+@dataclass
+class PairsSource(SourceOptions):
+    """Rows of (query, positive, optional hard negatives) in jsonl, csv, tsv or parquet."""
+
+    kind: Literal["pairs"]
+    path: str
+    """File (or glob) to read, relative to the working directory."""
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet"] = "auto"
+    """File format; `auto` picks it from the file extension."""
+    query_column: str = "query"
+    """Column holding the query text."""
+    positive_column: str = "positive"
+    """Column holding the relevant document text."""
+    negatives_column: str | None = None
+    """Column holding a list of hard-negative texts (jsonl/parquet), if any."""
+
+
+@dataclass
+class BeirSource(SourceOptions):
+    """A BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv; one pair per relevant qrel."""
+
+    kind: Literal["beir"]
+    path: str
+    """The BEIR folder."""
+    split: str = "train"
+    """Which qrels file to read: qrels/<split>.tsv."""
+    min_score: int = 1
+    """A qrel counts as a positive when its score is at least this."""
+
+
 TrainSource = PairsSource | BeirSource
 
 
 @dataclass
 class DataConfig:
     train: list[TrainSource]
-    """Training sources; their pairs are concatenated."""
+    """Training sources, each with its own weight and prompts (see SourceOptions)."""
     batch_size: int = 32
     """Queries per optimiser step and process. Every other query's positive and all hard
     negatives in the batch serve as negatives, so larger is usually better."""
@@ -386,5 +380,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return Builder(str(path), overridden=set(parsed)).build(Recipe, data, "")
 
 
+def _plain(value: Any) -> Any:
+    """Dataclasses to dicts with each class's own fields before inherited ones (kind, path first)."""
+    if dataclasses.is_dataclass(value):
+        names = [f.name for f in dataclasses.fields(value)]
+        own = [n for n in type(value).__dict__.get("__annotations__", {}) if n in names]
+        return {n: _plain(getattr(value, n)) for n in own + [n for n in names if n not in own]}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def recipe_to_yaml(recipe: Recipe) -> str:
-    return yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)
+    return yaml.safe_dump(_plain(recipe), sort_keys=False)

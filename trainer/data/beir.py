@@ -20,7 +20,7 @@ class BeirSet:
     """Query id to {document id: relevance}."""
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     try:
         handle = path.open(encoding="utf-8")
     except OSError as exc:
@@ -49,7 +49,7 @@ def _text(path: Path, line_no: int, row: dict, key: str) -> str:
 
 def read_corpus(path: Path) -> dict[str, str]:
     corpus = {}
-    for line_no, row in _jsonl_rows(path):
+    for line_no, row in jsonl_rows(path):
         doc_id = str(row.get("_id", ""))
         if not doc_id:
             raise DataError(f"{path}, line {line_no}: missing field '_id'")
@@ -64,7 +64,7 @@ def read_corpus(path: Path) -> dict[str, str]:
 
 def read_queries(path: Path) -> dict[str, str]:
     queries = {}
-    for line_no, row in _jsonl_rows(path):
+    for line_no, row in jsonl_rows(path):
         query_id = str(row.get("_id", ""))
         if not query_id:
             raise DataError(f"{path}, line {line_no}: missing field '_id'")
