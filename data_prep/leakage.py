@@ -15,7 +15,7 @@ import re
 import unicodedata
 from pathlib import Path
 
-from data_prep.output import check_output, write_jsonl
+from data_prep.output import check_output, tool_main, write_jsonl
 from trainer.config import STSEvalConfig
 from trainer.data.beir import read_queries, read_qrels
 from trainer.data.errors import DataError
@@ -91,9 +91,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.leakage", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return tool_main("python -m data_prep.leakage", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

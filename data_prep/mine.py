@@ -22,7 +22,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from data_prep.output import check_output, write_jsonl
+from data_prep.output import check_output, tool_main, write_jsonl
 from trainer.config import ModelConfig, PairsSource
 from trainer.data.beir import jsonl_rows, read_beir
 from trainer.data.errors import DataError
@@ -242,9 +242,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.mine", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return tool_main("python -m data_prep.mine", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""What every data_prep tool writes: a jsonl file and `<file>.manifest.json` beside it."""
+"""What every data_prep tool shares: its standalone entry point, and its output (a jsonl file
+and `<file>.manifest.json` beside it)."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
+from typing import Callable
 
 from trainer.data.errors import DataError
 
@@ -26,3 +30,20 @@ def write_jsonl(rows: list[dict], out: Path, manifest: dict) -> Path:
     path = out.with_name(out.name + ".manifest.json")
     path.write_text(json.dumps(manifest, indent=2))
     return path
+
+
+def tool_main(
+    prog: str,
+    doc: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+    argv: list[str] | None = None,
+) -> int:
+    """`python -m data_prep.TOOL`: the same arguments and clean errors as `embtrain prep TOOL`."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except (DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -15,7 +15,7 @@ import argparse
 
 from tqdm.auto import tqdm
 
-from data_prep.output import check_output, write_jsonl
+from data_prep.output import check_output, tool_main, write_jsonl
 from trainer.data.errors import DataError
 from trainer.data.readers import load_table
 
@@ -103,9 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.score", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return tool_main("python -m data_prep.score", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

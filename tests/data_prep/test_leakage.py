@@ -52,3 +52,16 @@ def test_finds_the_two_scifact_train_claims_that_repeat_test_claims(tmp_path, ca
     kept = {json.loads(l)["query"] for l in out.read_text().splitlines()}
     assert "Obesity decreases life quality." not in kept
     assert "There is no association between HNF4A mutations and diabetes risks." not in kept
+
+
+def test_standalone_entry_point_reports_errors_cleanly(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "data_prep.leakage", "--train", str(tmp_path / "missing.jsonl"),
+         "--eval-beir", str(SCIFACT), "--out", str(tmp_path / "o.jsonl")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "missing.jsonl: file not found" in result.stderr and "Traceback" not in result.stderr

@@ -10,6 +10,11 @@ import torch
 from trainer.data.examples import Example
 
 
+def tokenize(tokenizer, texts: list[str], max_seq_length: int) -> dict[str, torch.Tensor]:
+    """Padded to the longest text, truncated to max_seq_length: the one tokenisation for training and inference."""
+    return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt"))
+
+
 @dataclass
 class ContrastiveBatch:
     """`documents` holds the B positives first, then the B*N hard negatives, query-major."""
@@ -37,11 +42,7 @@ class Collator:
         """(query prompt, document prompt) for each training source."""
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(
-            self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
-            )
-        )
+        return tokenize(self.tokenizer, texts, self.max_seq_length)
 
     def __call__(self, examples: list[Example]) -> ContrastiveBatch:
         num_negatives = len(examples[0].negatives)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from trainer.config import ModelConfig
+from trainer.data.collate import tokenize
 from trainer.model.pooling import POOLING
 
 ENCODER_FILE = "embtrain_encoder.json"
@@ -115,11 +116,7 @@ class Encoder(torch.nn.Module):
         return embeddings
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return dict(
-            self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.config.max_seq_length, return_tensors="pt"
-            )
-        )
+        return tokenize(self.tokenizer, texts, self.config.max_seq_length)
 
     @torch.no_grad()
     def encode(
