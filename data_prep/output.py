@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -21,15 +22,55 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+class JsonlWriter:
+    """Streams rows to `<out>.partial` while hashing them; `commit` renames the file into place
+    and writes the manifest, `abort` removes it. A crash never leaves a half-written `out`."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.partial = out.with_name(out.name + ".partial")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.partial.open("w", encoding="utf-8")
+        self._hash = hashlib.sha256()
+        self.rows = 0
+
+    def write(self, row: dict) -> None:
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        self._handle.write(line)
+        self._hash.update(line.encode("utf-8", "surrogatepass"))
+        self.rows += 1
+
+    def commit(self, manifest: dict | None) -> Path | None:
+        """Writes `<out>.manifest.json` (with the row count and the file's sha256) unless `manifest`
+        is None; returns its path."""
+        self._handle.close()
+        os.replace(self.partial, self.out)
+        if manifest is None:
+            return None
+        manifest = {**manifest, "rows": self.rows, "sha256": self._hash.hexdigest()}
+        path = self.out.with_name(self.out.name + ".manifest.json")
+        path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        return path
+
+    def abort(self) -> None:
+        self._handle.close()
+        self.partial.unlink(missing_ok=True)
+
+
 def write_jsonl(rows: list[dict], out: Path, manifest: dict) -> Path:
     """Write the rows and the manifest (with the row count and the file's sha256); returns the manifest path."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    out.write_text(text, encoding="utf-8")
-    manifest = {**manifest, "rows": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
-    path = out.with_name(out.name + ".manifest.json")
-    path.write_text(json.dumps(manifest, indent=2))
-    return path
+    writer = JsonlWriter(out)
+    for row in rows:
+        writer.write(row)
+    return writer.commit(manifest)
+
+
+def file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
 
 
 def tool_main(
