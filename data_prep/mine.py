@@ -58,6 +58,9 @@ class MiningSettings:
     """`top`: the best-ranked allowed candidates; `random`: a seeded sample of them."""
     seed: int = 42
     batch_size: int = 64
+    search: str = "exact"
+    """`exact`: chunked matrix products in torch; `faiss`: a flat inner-product FAISS index (also
+    exact, multi-threaded; needs faiss installed)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.rank_min <= self.rank_max:
@@ -66,6 +69,8 @@ class MiningSettings:
             raise ValueError("num_negatives must be >= 1")
         if self.sampling not in ("top", "random"):
             raise ValueError(f"sampling must be top or random, got {self.sampling!r}")
+        if self.search not in ("exact", "faiss"):
+            raise ValueError(f"search must be exact or faiss, got {self.search!r}")
 
 
 @dataclass
@@ -127,7 +132,11 @@ def select_negatives(
     from trainer.evaluation.retrieval import exact_search
 
     most_positives = max(len(p) for p in task.positives)
-    scores, indices = exact_search(queries, documents, top_k=settings.rank_max + most_positives, chunk_size=256)
+    top_k = settings.rank_max + most_positives
+    if settings.search == "faiss":
+        scores, indices = faiss_search(queries, documents, top_k)
+    else:
+        scores, indices = exact_search(queries, documents, top_k=top_k, chunk_size=256)
     rng = random.Random(settings.seed)
     report = MiningReport()
     rows = []
@@ -163,6 +172,20 @@ def select_negatives(
     return rows, report
 
 
+def faiss_search(queries: "torch.Tensor", documents: "torch.Tensor", top_k: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Top-k inner products with a flat (exact) FAISS index."""
+    try:
+        import faiss
+    except ImportError:
+        raise DataError("--search faiss needs FAISS: pip install faiss-cpu (or faiss-gpu)") from None
+    import torch
+
+    index = faiss.IndexFlatIP(documents.shape[1])
+    index.add(documents.float().numpy())
+    scores, indices = index.search(queries.float().numpy(), min(top_k, documents.shape[0]))
+    return torch.from_numpy(scores), torch.from_numpy(indices)
+
+
 def _passes_guard(score: float, positive_score: float, settings: MiningSettings) -> bool:
     if settings.margin is not None and not score < positive_score - settings.margin:
         return False
@@ -189,6 +212,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampling", choices=["top", "random"], default="top")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--search", choices=["exact", "faiss"], default="exact",
+                        help="exact: chunked torch matrix products; faiss: flat FAISS index (pip install faiss-cpu)")
     parser.add_argument("--max-seq-length", type=int, help="override the model's saved maximum length")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
@@ -198,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     settings = MiningSettings(
         num_negatives=args.num_negatives, rank_min=args.ranks[0], rank_max=args.ranks[1], margin=args.margin,
         relative_margin=args.relative_margin, sampling=args.sampling, seed=args.seed, batch_size=args.batch_size,
+        search=args.search,
     )
     if args.beir:
         task = task_from_beir(args.beir, args.split)

@@ -37,6 +37,17 @@ def test_top_negatives_equal_brute_force_ranking_without_positives():
         assert row["positive_score"] == pytest.approx(scores[task.corpus.index(row["positive"])].item(), abs=1e-5)
 
 
+def test_faiss_search_gives_the_exact_search_rows():
+    pytest.importorskip("faiss")
+    task, queries, documents = random_task(seed=3)
+    settings = dict(num_negatives=4, rank_min=2, rank_max=40, relative_margin=0.02)
+    exact, _ = select_negatives(task, queries, documents, MiningSettings(**settings))
+    with_faiss, _ = select_negatives(task, queries, documents, MiningSettings(**settings, search="faiss"))
+    assert [r["negatives"] for r in with_faiss] == [r["negatives"] for r in exact]
+    for a, b in zip(with_faiss, exact):
+        assert a["negative_scores"] == pytest.approx(b["negative_scores"], abs=1e-5)
+
+
 def test_known_positives_and_their_duplicates_are_never_negatives():
     task, queries, documents = random_task(num_queries=5, num_docs=50)
     # document 49 is a copy of query 0's first positive: same text, other row
