@@ -26,7 +26,7 @@ from data_prep.output import check_output, tool_main, write_jsonl
 from trainer.config import ModelConfig, PairsSource
 from trainer.data.beir import jsonl_rows, read_beir
 from trainer.data.errors import DataError
-from trainer.data.readers import read_source
+from trainer.data.readers import read_examples
 
 if TYPE_CHECKING:  # torch and the model load only when mining runs, not for --help
     import torch
@@ -107,7 +107,7 @@ def task_from_pairs(source: PairsSource, corpus_file: str | None = None) -> Mini
         return row_of[text]
 
     positives: dict[str, list[int]] = {}
-    for example in read_source(source):
+    for example in read_examples(source):
         positives.setdefault(example.query, []).append(add(example.positive))
     if corpus_file:
         for line_no, row in jsonl_rows(Path(corpus_file)):

@@ -165,7 +165,7 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
     encoder = Encoder.from_config(recipe.model)
     sources = recipe.data.train
     sampler = NoDuplicatesBatchSampler(
-        examples,
+        examples.keys,
         recipe.data.batch_size,
         seed=recipe.seed,
         shuffle=recipe.data.shuffle,

@@ -8,7 +8,7 @@ import pytest
 from data_prep.dedup import Deduplicator
 from trainer.cli import main
 from trainer.config import PairsSource
-from trainer.data.readers import read_source
+from trainer.data.readers import read_examples
 
 ROOT = Path(__file__).resolve().parents[2]
 SCIFACT = ROOT / "data" / "scifact"
@@ -124,7 +124,7 @@ def test_csv_triplets_with_one_negative_column_and_quoted_newlines(tmp_path):
     assert len(rows) == 5
     assert rows[0]["positive"].endswith("\nsecond line")
     assert rows[0]["negatives"] == [pairs[1]["positive"]]
-    examples = read_source(PairsSource(kind="pairs", path=str(out), negatives_column="negatives"))
+    examples = read_examples(PairsSource(kind="pairs", path=str(out), negatives_column="negatives"))
     assert examples[4].negatives == (pairs[5]["positive"],)
 
 

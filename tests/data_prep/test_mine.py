@@ -124,7 +124,7 @@ def test_cli_writes_rows_and_manifest_that_train_reads(tmp_path, tiny_model, tin
     assert "wrote 28 rows" in capsys.readouterr().out
     assert main(args) == 2  # never overwrites without --overwrite
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    from trainer.data.readers import read_source
+    from trainer.data.readers import read_examples
 
-    examples = read_source(PairsSource(kind="pairs", path=str(out), negatives_column="negatives"))
+    examples = read_examples(PairsSource(kind="pairs", path=str(out), negatives_column="negatives"))
     assert len(examples) == 28 and all(len(e.negatives) == 2 for e in examples)

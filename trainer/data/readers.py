@@ -1,40 +1,32 @@
-"""Turn a training source from the recipe into a list of `Example`s.
+"""Turn the recipe's training sources into one `TrainingSet`.
 
-`pairs` sources are read with Hugging Face `datasets` (jsonl, csv, tsv, parquet) and a
-column mapping; `beir` sources give one example per relevant qrel. Every row is checked,
-and problems are reported with the file and row, before training starts.
+`pairs` sources are read with Hugging Face `datasets` (jsonl, csv, tsv, parquet) into a
+memory-mapped Arrow table, with a column mapping; `beir` sources give one example per relevant
+qrel. Every row is checked in one streaming pass, and problems are reported with the file and
+row, before training starts.
 """
 
 from __future__ import annotations
 
 import glob
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from trainer.config import BeirSource, PairsSource, TrainSource
 from trainer.data.beir import read_beir
 from trainer.data.errors import DataError
 from trainer.data.examples import Example
+from trainer.data.training_set import TextKeys, TrainingSet
 
+_CHUNK = 4096
 _BUILDERS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 
 def path_exists(pattern: str) -> bool:
     """A file, a folder, or a glob that matches at least one file."""
     return Path(pattern).exists() or bool(glob.glob(pattern))
-
-
-def read_source(source: TrainSource) -> list[Example]:
-    if isinstance(source, PairsSource):
-        examples = read_pairs(source)
-    elif isinstance(source, BeirSource):
-        examples = read_beir_pairs(source)
-    else:  # pragma: no cover - the schema only builds the kinds above
-        raise TypeError(f"unknown source {source!r}")
-    if source.max_examples is not None:
-        examples = examples[: source.max_examples]
-    if not examples:
-        raise DataError(f"{source.path}: no training examples")
-    return examples
 
 
 def load_table(path: str, fmt: str):
@@ -68,73 +60,116 @@ def _check_text(path: str, row: int, column: str, value: object) -> str:
     return value
 
 
-def read_pairs(source: PairsSource) -> list[Example]:
+@dataclass
+class SourceTable:
+    """One source as an Arrow table with columns query, positive[, negatives], checked, and its keys."""
+
+    table: object
+    keys: TextKeys
+    num_negatives: int
+
+
+def read_pairs(source: PairsSource, num_negatives: int | None, index: int = 0) -> SourceTable:
     table = load_table(source.path, source.format)
-    wanted = [source.query_column, source.positive_column]
+    columns = {"query": source.query_column, "positive": source.positive_column}
     if source.negatives_column is not None:
-        wanted.append(source.negatives_column)
-    for column in wanted:
+        columns["negatives"] = source.negatives_column
+    for column in columns.values():
         if column not in table.column_names:
             raise DataError(
                 f"{source.path}: missing column '{column}' (columns: {table.column_names}); "
                 "map yours with query_column / positive_column / negatives_column"
             )
-    examples = []
-    for index, row in enumerate(table.select_columns(wanted)):
-        row_no = index + 1
-        query = _check_text(source.path, row_no, source.query_column, row[source.query_column])
-        positive = _check_text(source.path, row_no, source.positive_column, row[source.positive_column])
-        negatives: tuple[str, ...] = ()
-        if source.negatives_column is not None:
-            raw = row[source.negatives_column]
+    if len(set(columns.values())) != len(columns):
+        raise DataError(f"{source.path}: query_column, positive_column and negatives_column must be different columns")
+    table = table.select_columns(list(columns.values()))
+    if source.max_examples is not None:
+        table = table.select(range(min(source.max_examples, len(table))))
+    # in two steps, so that a mapping such as query_column: positive cannot collide
+    table = table.rename_columns({original: f"__{name}" for name, original in columns.items()})
+    table = table.rename_columns({f"__{name}": name for name in columns})
+    return _scan(table, source.path, columns, num_negatives, index)
+
+
+def _scan(table, name: str, columns: dict[str, str], num_negatives: int | None, index: int) -> SourceTable:
+    """Check every row (streaming, in chunks) and hash its texts for the sampler."""
+    size = len(table)
+    query = np.empty(size, dtype=np.int64)
+    positive = np.empty(size, dtype=np.int64)
+    negative_lists: list[list[int]] = []
+    counts: set[int] = set()
+    has_negatives = "negatives" in columns
+    for start in range(0, size, _CHUNK):
+        chunk = table[start : start + _CHUNK]
+        for j, (q, p) in enumerate(zip(chunk["query"], chunk["positive"])):
+            row = start + j + 1
+            query[start + j] = hash(_check_text(name, row, columns["query"], q))
+            positive[start + j] = hash(_check_text(name, row, columns["positive"], p))
+            if not has_negatives:
+                continue
+            raw = chunk["negatives"][j]
             if not isinstance(raw, list):
-                raise DataError(
-                    f"{source.path}, row {row_no}: column '{source.negatives_column}' must be a list of texts, got {raw!r}"
-                )
-            negatives = tuple(
-                _check_text(source.path, row_no, f"{source.negatives_column}[{i}]", n) for i, n in enumerate(raw)
+                raise DataError(f"{name}, row {row}: column '{columns['negatives']}' must be a list of texts, got {raw!r}")
+            if num_negatives is not None and len(raw) < num_negatives:
+                raise DataError(f"{name}, row {row}: has {len(raw)} hard negatives, data.num_negatives is {num_negatives}")
+            kept = raw if num_negatives is None else raw[:num_negatives]
+            negative_lists.append(
+                [hash(_check_text(name, row, f"{columns['negatives']}[{i}]", n)) for i, n in enumerate(kept)]
             )
-        examples.append(Example(query, positive, negatives))
-    return examples
+            counts.add(len(kept))
+    if len(counts) > 1:
+        raise DataError(
+            f"{name}: rows have different numbers of hard negatives ({sorted(counts)}); "
+            "set data.num_negatives to use the first N of each"
+        )
+    width = counts.pop() if counts else 0
+    if num_negatives is not None and not has_negatives and num_negatives > 0:
+        raise DataError(f"{name}: data.num_negatives is {num_negatives} but the source has no negatives column")
+    negatives = np.array(negative_lists, dtype=np.int64).reshape(size, width) if has_negatives else np.empty((size, 0), np.int64)
+    keys = TextKeys(query, positive, negatives, np.full(size, index, dtype=np.int32))
+    return SourceTable(table, keys, width)
 
 
-def read_beir_pairs(source: BeirSource) -> list[Example]:
+def read_beir_pairs(source: BeirSource, num_negatives: int | None, index: int = 0) -> SourceTable:
+    import datasets
+
+    if num_negatives:
+        raise DataError(f"{source.path}: data.num_negatives is {num_negatives}, but a beir source has no hard negatives")
     beir = read_beir(source.path, source.split)
-    examples = []
+    rows = {"query": [], "positive": []}
     for query_id, docs in beir.qrels.items():
         for doc_id, score in docs.items():
             if score >= source.min_score:
-                examples.append(Example(beir.queries[query_id], beir.corpus[doc_id]))
-    return examples
+                rows["query"].append(beir.queries[query_id])
+                rows["positive"].append(beir.corpus[doc_id])
+    if source.max_examples is not None:
+        rows = {k: v[: source.max_examples] for k, v in rows.items()}
+    table = datasets.Dataset.from_dict(rows)
+    return _scan(table, source.path, {"query": "query", "positive": "positive"}, None, index)
 
 
-def select_negatives(examples: list[Example], num_negatives: int | None, name: str) -> list[Example]:
-    """Give every example the same number of hard negatives, or say which row cannot."""
-    if num_negatives is None:
-        counts = {len(e.negatives) for e in examples}
-        if len(counts) > 1:
-            raise DataError(
-                f"{name}: rows have different numbers of hard negatives ({sorted(counts)}); "
-                "set data.num_negatives to use the first N of each"
-            )
-        return examples
-    out = []
-    for row, example in enumerate(examples, start=1):
-        if len(example.negatives) < num_negatives:
-            raise DataError(
-                f"{name}, row {row}: has {len(example.negatives)} hard negatives, data.num_negatives is {num_negatives}"
-            )
-        out.append(Example(example.query, example.positive, example.negatives[:num_negatives]))
-    return out
+def read_source(source: TrainSource, num_negatives: int | None = None, index: int = 0) -> SourceTable:
+    if isinstance(source, PairsSource):
+        part = read_pairs(source, num_negatives, index)
+    elif isinstance(source, BeirSource):
+        part = read_beir_pairs(source, num_negatives, index)
+    else:  # pragma: no cover - the schema only builds the kinds above
+        raise TypeError(f"unknown source {source!r}")
+    if len(part.keys) == 0:
+        raise DataError(f"{source.path}: no training examples")
+    return part
 
 
-def read_training_data(sources: list[TrainSource], num_negatives: int | None) -> list[Example]:
+def read_examples(source: TrainSource) -> list[Example]:
+    """A whole (small) source as a list, for tools; training reads lazily through `TrainingSet`."""
+    part = read_source(source)
+    return list(TrainingSet([part.table], part.keys, part.num_negatives))
+
+
+def read_training_data(sources: list[TrainSource], num_negatives: int | None) -> TrainingSet:
     """All sources, concatenated, each with exactly `num_negatives` hard negatives."""
-    examples: list[Example] = []
-    for index, source in enumerate(sources):
-        rows = select_negatives(read_source(source), num_negatives, source.name or source.path)
-        examples += [Example(e.query, e.positive, e.negatives, index) for e in rows]
-    counts = {len(e.negatives) for e in examples}
+    parts = [read_source(source, num_negatives, index) for index, source in enumerate(sources)]
+    counts = {p.num_negatives for p in parts}
     if len(counts) > 1:
         raise DataError(f"training sources have different numbers of hard negatives ({sorted(counts)}); set data.num_negatives")
-    return examples
+    return TrainingSet([p.table for p in parts], TextKeys.concatenate([p.keys for p in parts]), counts.pop())

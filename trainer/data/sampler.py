@@ -11,19 +11,24 @@ or from the pooled sources (mixed).
 
 from __future__ import annotations
 
-import random
+from array import array
 from collections import deque
 from typing import Iterator
 
-from trainer.data.examples import Example
+import numpy as np
+
+from trainer.data.training_set import TextKeys
 
 
 class NoDuplicatesBatchSampler:
-    """Yields lists of example indices; the order depends only on (seed, epoch)."""
+    """Yields lists of example indices; the order depends only on (seed, epoch).
+
+    Works on `TextKeys` (hashes of each example's texts), never on the texts, and keeps an epoch's
+    order in flat integer arrays: about 16 bytes per pair in all, however large the data."""
 
     def __init__(
         self,
-        examples: list[Example],
+        keys: TextKeys,
         batch_size: int,
         seed: int,
         shuffle: bool = True,
@@ -32,7 +37,7 @@ class NoDuplicatesBatchSampler:
         weights: list[float] | None = None,
         homogeneous: bool = True,
     ) -> None:
-        self.examples = examples
+        self.keys = keys
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -40,12 +45,10 @@ class NoDuplicatesBatchSampler:
         self.rank = rank
         self.epoch = 0
         self.start_batch = 0
-        self._cache: tuple[int, list[list[int]]] | None = None
+        self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
         self.homogeneous = homogeneous
-        num_sources = max(e.source for e in examples) + 1 if examples else 1
-        self.groups: list[list[int]] = [[] for _ in range(num_sources)]
-        for index, example in enumerate(examples):
-            self.groups[example.source].append(index)
+        num_sources = int(keys.source.max()) + 1 if len(keys) else 1
+        self.groups: list[np.ndarray] = [np.flatnonzero(keys.source == s) for s in range(num_sources)]
         if weights is not None and len(weights) != num_sources:
             raise ValueError(f"{len(weights)} weights for {num_sources} sources")
         self.counts = self._counts(weights)
@@ -63,67 +66,90 @@ class NoDuplicatesBatchSampler:
         self.epoch = epoch
         self.start_batch = start_batch
 
-    def batches(self) -> list[list[int]]:
+    def _epoch(self) -> tuple[np.ndarray, np.ndarray]:
+        """(flat example indices, start of each of this process's batches in it, plus the end)."""
         if self._cache is not None and self._cache[0] == self.epoch:
-            return self._cache[1]
-        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+            return self._cache[1], self._cache[2]
+        rng = np.random.default_rng([self.seed, self.epoch])
         orders = [self._draw(group, count, rng) for group, count in zip(self.groups, self.counts)]
         if self.homogeneous and len(self.groups) > 1:
-            batches = [batch for order in orders for batch in self._pack(order)]
+            packed = [self._pack(order) for order in orders]
+            flat = np.concatenate([p[0] for p in packed])
+            lengths = np.concatenate([np.diff(p[1]) for p in packed])
+            starts = np.cumsum(lengths) - lengths
             if self.shuffle:
-                rng.shuffle(batches)
+                permutation = rng.permutation(len(lengths))
+                starts, lengths = starts[permutation], lengths[permutation]
         else:
-            order = [index for o in orders for index in o]
+            order = np.concatenate(orders)
             if self.shuffle and len(self.groups) > 1:
-                rng.shuffle(order)
-            batches = self._pack(order)
+                order = rng.permutation(order)
+            flat, bounds = self._pack(order)
+            starts, lengths = bounds[:-1], np.diff(bounds)
         if self.num_replicas > 1:  # processes gather each other's embeddings: equal batch sizes only
-            batches = [b for b in batches if len(b) == self.batch_size]
+            full = lengths == self.batch_size
+            starts, lengths = starts[full], lengths[full]
         # every process gets the same number of batches: the global batches r, r+W, r+2W, ...
-        usable = len(batches) - len(batches) % self.num_replicas
-        batches = batches[self.rank : usable : self.num_replicas]
-        self._cache = (self.epoch, batches)
-        return batches
+        usable = len(starts) - len(starts) % self.num_replicas
+        mine = slice(self.rank, usable, self.num_replicas)
+        spans = np.stack([starts[mine], starts[mine] + lengths[mine]], axis=1)
+        self._cache = (self.epoch, flat, spans)
+        return flat, spans
 
-    def _draw(self, group: list[int], count: int, rng: random.Random) -> list[int]:
+    def batches(self) -> list[list[int]]:
+        flat, spans = self._epoch()
+        return [flat[a:b].tolist() for a, b in spans]
+
+    def _draw(self, group: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
         """`count` indices of a source: shuffled, cycling (reshuffled) when count exceeds its size."""
-        drawn: list[int] = []
-        while len(drawn) < count and group:
-            cycle = list(group)
-            if self.shuffle:
-                rng.shuffle(cycle)
-            drawn += cycle[: count - len(drawn)]
-        return drawn
+        if not len(group):
+            return group
+        cycles = []
+        for _ in range(-(-count // len(group))):
+            cycles.append(rng.permutation(group) if self.shuffle else group)
+        return np.concatenate(cycles)[:count]
 
-    def _pack(self, order: list[int]) -> list[list[int]]:
-        batches: list[list[int]] = []
-        pending: deque[int] = deque(order)
-        while pending:
+    def _pack(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy batches in `order`; a pair that would repeat a text waits for the next batch.
+        Returns the flat indices and the batch boundaries (len(batches) + 1)."""
+        query, positive, negatives = self.keys.query, self.keys.positive, self.keys.negatives
+        flat = array("q")  # 8 bytes per index, not a Python int object each
+        bounds = array("q", [0])
+        waiting: deque[int] = deque()
+        position = 0
+        while waiting or position < len(order):
             batch: list[int] = []
-            queries: set[str] = set()
-            positives: set[str] = set()
-            documents: set[str] = set()
+            queries: set[int] = set()
+            positives: set[int] = set()
+            documents: set[int] = set()
             skipped: deque[int] = deque()
-            while pending and len(batch) < self.batch_size:
-                index = pending.popleft()
-                ex = self.examples[index]
-                if ex.query in queries or ex.positive in documents or positives.intersection(ex.negatives):
+            while len(batch) < self.batch_size and (waiting or position < len(order)):
+                if waiting:
+                    index = waiting.popleft()
+                else:
+                    index = int(order[position])
+                    position += 1
+                q, p, n = int(query[index]), int(positive[index]), negatives[index].tolist()
+                if q in queries or p in documents or positives.intersection(n):
                     skipped.append(index)
                     continue
                 batch.append(index)
-                queries.add(ex.query)
-                positives.add(ex.positive)
-                documents.add(ex.positive)
-                documents.update(ex.negatives)
-            pending = skipped + pending
+                queries.add(q)
+                positives.add(p)
+                documents.add(p)
+                documents.update(n)
+            waiting = skipped + waiting
             if len(batch) >= 2:
-                batches.append(batch)
+                flat.extend(batch)
+                bounds.append(len(flat))
             # a lone leftover example has no in-batch negatives; it waits for the next epoch
-        return batches
+        return np.frombuffer(flat, dtype=np.int64), np.frombuffer(bounds, dtype=np.int64)
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches()[self.start_batch :])
+        flat, spans = self._epoch()
+        for a, b in spans[self.start_batch :]:
+            yield flat[a:b].tolist()
 
     def __len__(self) -> int:
         """Batches of this process in the current epoch, skipped ones excluded."""
-        return len(self.batches()) - self.start_batch
+        return len(self._epoch()[1]) - self.start_batch

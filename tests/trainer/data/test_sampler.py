@@ -1,5 +1,6 @@
 from trainer.data.examples import Example
 from trainer.data.sampler import NoDuplicatesBatchSampler
+from trainer.data.training_set import TextKeys
 
 
 def examples_with_duplicates():
@@ -12,7 +13,7 @@ def examples_with_duplicates():
 
 def test_no_batch_repeats_a_query_or_a_positive():
     rows = examples_with_duplicates()
-    sampler = NoDuplicatesBatchSampler(rows, batch_size=8, seed=1)
+    sampler = NoDuplicatesBatchSampler(TextKeys.from_examples(rows), batch_size=8, seed=1)
     for epoch in range(5):
         sampler.set_epoch(epoch)
         seen = []
@@ -30,8 +31,8 @@ def test_no_batch_repeats_a_query_or_a_positive():
 
 def test_order_depends_only_on_seed_and_epoch():
     rows = [Example(f"q{i}", f"p{i}") for i in range(50)]
-    a = NoDuplicatesBatchSampler(rows, 8, seed=3)
-    b = NoDuplicatesBatchSampler(rows, 8, seed=3)
+    a = NoDuplicatesBatchSampler(TextKeys.from_examples(rows), 8, seed=3)
+    b = NoDuplicatesBatchSampler(TextKeys.from_examples(rows), 8, seed=3)
     a.set_epoch(2)
     b.set_epoch(2)
     assert list(a) == list(b)
@@ -41,12 +42,12 @@ def test_order_depends_only_on_seed_and_epoch():
 
 def test_start_batch_skips_and_replicas_split():
     rows = [Example(f"q{i}", f"p{i}") for i in range(64)]
-    full = NoDuplicatesBatchSampler(rows, 8, seed=0)
+    full = NoDuplicatesBatchSampler(TextKeys.from_examples(rows), 8, seed=0)
     batches = list(full)
     full.set_epoch(0, start_batch=3)
     assert list(full) == batches[3:]
     assert len(full) == len(batches) - 3
-    shards = [list(NoDuplicatesBatchSampler(rows, 8, seed=0, num_replicas=2, rank=r)) for r in range(2)]
+    shards = [list(NoDuplicatesBatchSampler(TextKeys.from_examples(rows), 8, seed=0, num_replicas=2, rank=r)) for r in range(2)]
     assert shards[0] == batches[0::2] and shards[1] == batches[1::2]
 
 
@@ -56,7 +57,7 @@ def two_sources(big=40, small=10):
 
 def test_homogeneous_batches_come_from_one_source_and_use_every_pair_once():
     rows = two_sources()
-    sampler = NoDuplicatesBatchSampler(rows, batch_size=5, seed=0)
+    sampler = NoDuplicatesBatchSampler(TextKeys.from_examples(rows), batch_size=5, seed=0)
     batches = list(sampler)
     assert all(len({rows[i].source for i in b}) == 1 for b in batches)
     assert sorted(i for b in batches for i in b) == list(range(50))
@@ -65,7 +66,7 @@ def test_homogeneous_batches_come_from_one_source_and_use_every_pair_once():
 
 def test_weights_set_pairs_per_source_and_cycle_small_sources():
     rows = two_sources()
-    sampler = NoDuplicatesBatchSampler(rows, batch_size=5, seed=0, weights=[1.0, 1.0])
+    sampler = NoDuplicatesBatchSampler(TextKeys.from_examples(rows), batch_size=5, seed=0, weights=[1.0, 1.0])
     assert sampler.counts == [25, 25]
     drawn = [i for b in sampler for i in b]
     assert sum(rows[i].source == 0 for i in drawn) == 25 and sum(rows[i].source == 1 for i in drawn) == 25
@@ -76,6 +77,6 @@ def test_weights_set_pairs_per_source_and_cycle_small_sources():
 
 def test_mixed_batching_mixes_sources():
     rows = two_sources()
-    batches = list(NoDuplicatesBatchSampler(rows, batch_size=10, seed=0, homogeneous=False))
+    batches = list(NoDuplicatesBatchSampler(TextKeys.from_examples(rows), batch_size=10, seed=0, homogeneous=False))
     assert any(len({rows[i].source for i in b}) == 2 for b in batches)
     assert sorted(i for b in batches for i in b) == list(range(50))

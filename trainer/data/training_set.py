@@ -1,0 +1,78 @@
+"""The training examples of all sources, read lazily from Arrow tables.
+
+A `pairs` file is converted once by Hugging Face `datasets` into its Arrow cache, which is
+memory-mapped: the rows stay on disk and the operating system pages in what a batch touches, so a
+training set larger than RAM works. What stays in memory per pair is its `TextKeys` entry: a 64-bit
+hash of the query, the positive and each hard negative (8 bytes per text), which is all the batch
+sampler needs to keep duplicates apart.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from trainer.data.examples import Example
+
+
+PAD = -(2**63)
+"""Fills the negatives of rows with fewer than the widest; harmless to the sampler, which only
+looks for positives among negatives."""
+
+
+@dataclass
+class TextKeys:
+    """Per example: hashes of its texts and the index of its source. Equal hashes mean equal texts."""
+
+    query: np.ndarray
+    """(N,) int64"""
+    positive: np.ndarray
+    """(N,) int64"""
+    negatives: np.ndarray
+    """(N, num_negatives) int64"""
+    source: np.ndarray
+    """(N,) int32"""
+
+    def __len__(self) -> int:
+        return len(self.query)
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example]) -> "TextKeys":
+        width = max((len(e.negatives) for e in examples), default=0)
+        return cls(
+            query=np.array([hash(e.query) for e in examples], dtype=np.int64),
+            positive=np.array([hash(e.positive) for e in examples], dtype=np.int64),
+            negatives=np.array(
+                [[hash(n) for n in e.negatives] + [PAD] * (width - len(e.negatives)) for e in examples], dtype=np.int64
+            ).reshape(len(examples), width),
+            source=np.array([e.source for e in examples], dtype=np.int32),
+        )
+
+    @classmethod
+    def concatenate(cls, parts: list["TextKeys"]) -> "TextKeys":
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("query", "positive", "negatives", "source")))
+
+
+class TrainingSet(torch.utils.data.Dataset):
+    """Example `i` of the concatenated sources; each table has columns query, positive[, negatives]."""
+
+    def __init__(self, tables: list, keys: TextKeys, num_negatives: int) -> None:
+        self.tables = tables
+        self.keys = keys
+        self.num_negatives = num_negatives
+        self.offsets = np.cumsum([0] + [len(t) for t in tables]).tolist()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, index: int) -> Example:
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        source = bisect.bisect_right(self.offsets, index) - 1
+        row = self.tables[source][index - self.offsets[source]]
+        negatives = tuple(row["negatives"][: self.num_negatives]) if self.num_negatives else ()
+        return Example(row["query"], row["positive"], negatives, source)
