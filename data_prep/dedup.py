@@ -1,42 +1,51 @@
 """Exact and near-duplicate training pairs.
 
 - exact: the same query and the same positive, character for character (after stripping
-  surrounding whitespace). Costs 16 bytes per kept pair.
-- near: the same positive after normalisation (case, punctuation, whitespace, Unicode form), and
-  a query whose character 4-gram Jaccard similarity to an earlier query of that positive is at
-  least `threshold` (default 0.75; "How do I reset my password?" / "how do i reset my pasword"). Estimated with
-  MinHash and found with LSH (datasketch), then checked on the MinHash signatures. Different
-  queries that share a positive (common in retrieval data) are not duplicates.
+  surrounding whitespace).
+- near: the same positive after normalisation (case, punctuation, spacing, Unicode form), and a
+  query equal after normalisation or whose character 4-gram Jaccard similarity to an earlier
+  query of that positive is at least `threshold` (default 0.75; "How do I reset my password?" /
+  "how do i reset my pasword"). Different queries that share a positive (common in retrieval
+  data) are not duplicates.
+
+Near duplicates can only share a positive, so queries are compared within their positive's
+group only (exactly, on the shingle sets; the last `MAX_COMPARED` queries of a group), never
+across the whole data set. Memory: about 100 bytes per pair for `exact`, plus the normalised
+query text for `near`.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-import numpy as np
-
 from data_prep.leakage import normalise
 
-_NUM_PERM = 128
+MAX_COMPARED = 256
+"""Earlier queries of the same positive a new query is compared with (bounds the time for
+positives shared by thousands of queries)."""
 
 
 def _digest(*texts: str) -> bytes:
-    hasher = hashlib.blake2b(digest_size=16)
+    hasher = hashlib.blake2b(digest_size=12)
     for text in texts:
         hasher.update(text.encode("utf-8", "surrogatepass"))
         hasher.update(b"\x1f")
     return hasher.digest()
 
 
-def shingles(text: str, size: int = 4) -> set[bytes]:
-    text = normalise(text)
-    if len(text) <= size:
-        return {text.encode()}
-    return {text[i : i + size].encode() for i in range(len(text) - size + 1)}
+def shingles(normalised: str, size: int = 4) -> set[str]:
+    if len(normalised) <= size:
+        return {normalised}
+    return {normalised[i : i + size] for i in range(len(normalised) - size + 1)}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
 
 
 class Deduplicator:
-    """`check(query, positive)` returns None for a new pair, or the reason it is a duplicate."""
+    """`check(query, positive)` returns None for a new pair (and remembers it), or the reason it
+    is a duplicate of an earlier one."""
 
     def __init__(self, mode: str = "near", threshold: float = 0.75) -> None:
         if mode not in ("none", "exact", "near"):
@@ -46,15 +55,8 @@ class Deduplicator:
         self.mode = mode
         self.threshold = threshold
         self._exact: set[bytes] = set()
-        self._normalised: set[bytes] = set()
-        self._lsh = None
-        self._signatures: dict[int, tuple[np.ndarray, bytes]] = {}
-        if mode == "near":
-            from datasketch import MinHashLSH
-
-            # LSH only proposes candidates: a lower bar there misses fewer pairs near the threshold,
-            # which the signature comparison below then decides
-            self._lsh = MinHashLSH(threshold=min(0.85, max(0.1, threshold - 0.15)), num_perm=_NUM_PERM)
+        self._queries_of: dict[bytes, list[str]] = {}
+        """Normalised positive's digest -> normalised queries kept with it."""
 
     def check(self, query: str, positive: str) -> str | None:
         if self.mode == "none":
@@ -62,29 +64,20 @@ class Deduplicator:
         exact = _digest(query.strip(), positive.strip())
         if exact in self._exact:
             return "exact_duplicate"
-        if self.mode == "exact":
-            self._exact.add(exact)
-            return None
-        positive_key = _digest(normalise(positive))
-        normalised = _digest(normalise(query), normalise(positive))
-        if normalised in self._normalised:
+        if self.mode == "near" and self._near(query, positive):
             return "near_duplicate"
-        signature = self._minhash(query)
-        for key in self._lsh.query(signature):
-            earlier, earlier_positive = self._signatures[key]
-            if earlier_positive == positive_key and np.mean(earlier == signature.hashvalues) >= self.threshold:
-                return "near_duplicate"
         self._exact.add(exact)
-        self._normalised.add(normalised)
-        key = len(self._signatures)
-        self._signatures[key] = (signature.hashvalues.astype(np.uint32), positive_key)  # values < 2**32
-        self._lsh.insert(key, signature)
         return None
 
-    @staticmethod
-    def _minhash(text: str):
-        from datasketch import MinHash
-
-        signature = MinHash(num_perm=_NUM_PERM, seed=1)
-        signature.update_batch(list(shingles(text)))
-        return signature
+    def _near(self, query: str, positive: str) -> bool:
+        """Is it a near duplicate? If not, remember the query under its positive."""
+        group = self._queries_of.setdefault(_digest(normalise(positive)), [])
+        normalised = normalise(query)
+        if group:
+            if normalised in group:
+                return True
+            new = shingles(normalised)
+            if any(jaccard(new, shingles(earlier)) >= self.threshold for earlier in group[-MAX_COMPARED:]):
+                return True
+        group.append(normalised)
+        return False

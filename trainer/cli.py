@@ -47,7 +47,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     missing = check_paths(recipe)
     if missing:
-        raise RecipeError(f"{args.recipe}: " + "; ".join(missing))
+        hint = ""
+        if "# Before:" in Path(args.recipe).read_text():
+            hint = "; the recipe's first lines give the command (# Before:) that makes its data, run it first"
+        raise RecipeError(f"{args.recipe}: " + "; ".join(missing) + hint)
     train(recipe, resume=args.resume)
     return 0
 

@@ -26,6 +26,17 @@ def test_validate_reports_missing_data(tmp_path, capsys):
     assert "data.train.0.path: nowhere.jsonl not found" in capsys.readouterr().err
 
 
+def test_train_with_missing_data_points_to_the_recipes_before_command(tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "# Run: embtrain train r.yaml\n# Before: embtrain prep mine --beir b --model m --out made.jsonl\n"
+        "run_name: x\nmodel:\n  name_or_path: m\ndata:\n  train:\n    - kind: pairs\n      path: made.jsonl\n"
+    )
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "data.train.0.path: made.jsonl not found" in err and "(# Before:) that makes its data" in err
+
+
 def test_eval_json_on_beir_and_sts(tmp_path, capsys, tiny_model, tiny_beir):
     assert main(["eval", str(tiny_model), "--beir", str(tiny_beir), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
