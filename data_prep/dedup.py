@@ -44,8 +44,8 @@ def jaccard(a: set[str], b: set[str]) -> float:
 
 
 class Deduplicator:
-    """`check(query, positive)` returns None for a new pair (and remembers it), or the reason it
-    is a duplicate of an earlier one."""
+    """`check(query, positive, location)` returns None for a new pair (and remembers it), or the
+    reason it is a duplicate and the location of the earlier pair."""
 
     def __init__(self, mode: str = "near", threshold: float = 0.75) -> None:
         if mode not in ("none", "exact", "near"):
@@ -54,30 +54,34 @@ class Deduplicator:
             raise ValueError(f"near-duplicate threshold must be in (0, 1], got {threshold}")
         self.mode = mode
         self.threshold = threshold
-        self._exact: set[bytes] = set()
-        self._queries_of: dict[bytes, list[str]] = {}
-        """Normalised positive's digest -> normalised queries kept with it."""
+        self._exact: dict[bytes, str] = {}
+        """Digest of the pair -> its location."""
+        self._queries_of: dict[bytes, list[tuple[str, str]]] = {}
+        """Normalised positive's digest -> (normalised query, location) of the pairs kept with it."""
 
-    def check(self, query: str, positive: str) -> str | None:
+    def check(self, query: str, positive: str, location: str = "") -> tuple[str, str] | None:
         if self.mode == "none":
             return None
         exact = _digest(query.strip(), positive.strip())
         if exact in self._exact:
-            return "exact_duplicate"
-        if self.mode == "near" and self._near(query, positive):
-            return "near_duplicate"
-        self._exact.add(exact)
+            return "exact_duplicate", self._exact[exact]
+        if self.mode == "near":
+            earlier = self._near(query, positive, location)
+            if earlier is not None:
+                return "near_duplicate", earlier
+        self._exact[exact] = location
         return None
 
-    def _near(self, query: str, positive: str) -> bool:
-        """Is it a near duplicate? If not, remember the query under its positive."""
+    def _near(self, query: str, positive: str, location: str) -> str | None:
+        """The location of an earlier near duplicate; if there is none, remember this query."""
         group = self._queries_of.setdefault(_digest(normalise(positive)), [])
         normalised = normalise(query)
-        if group:
-            if normalised in group:
-                return True
-            new = shingles(normalised)
-            if any(jaccard(new, shingles(earlier)) >= self.threshold for earlier in group[-MAX_COMPARED:]):
-                return True
-        group.append(normalised)
-        return False
+        new = None
+        for earlier, where in reversed(group[-MAX_COMPARED:]):
+            if earlier == normalised:
+                return where
+            new = new or shingles(normalised)
+            if jaccard(new, shingles(earlier)) >= self.threshold:
+                return where
+        group.append((normalised, location))
+        return None

@@ -87,11 +87,16 @@ def to_pair(data: dict, columns: Columns) -> tuple[dict | None, Problem | None]:
                 return None, problem
             negatives.append(negative)
     if normalise(query) == normalise(positive):
-        return None, Problem("", "query_equals_positive", "the query and the positive are the same text")
+        return None, Problem(
+            "", "query_equals_positive", "the query and the positive are the same text (ignoring case, punctuation and spacing)"
+        )
     positive_key = normalise(positive)
     for i, negative in enumerate(negatives):
         if normalise(negative) == positive_key:
-            return None, Problem("", "negative_equals_positive", f"hard negative {i} is the positive's text (a false negative)")
+            return None, Problem(
+                "", "negative_equals_positive",
+                f"hard negative {i} is the positive's text, ignoring case, punctuation and spacing (a false negative)",
+            )
     pair: dict = {"query": query, "positive": positive}
     if columns.negatives:
         pair["negatives"] = negatives
@@ -142,6 +147,24 @@ def _load_tokenizer(name: str, max_seq_length: int | None):
     return tokenizer, max_seq_length
 
 
+FIXED_COLUMNS = ("csv", "tsv", "parquet", "hf")
+"""Formats in which every row has the same columns, checked on the first row."""
+
+
+def _check_columns(source: str, row: dict, wanted: list[str]) -> None:
+    import difflib
+
+    for column in wanted:
+        if column not in row:
+            close = difflib.get_close_matches(column, [str(c) for c in row], n=1, cutoff=0.5)
+            close = close or [c for c in map(str, row) if c.lower() == column.lower()]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise DataError(
+                f"{source}: no column '{column}'{hint}; the columns are: {', '.join(map(str, row))}; "
+                "map yours with --query-column, --positive-column, --negatives-column, --where"
+            )
+
+
 def _parse_where(conditions: list[str]) -> list[tuple[str, str]]:
     parsed = []
     for condition in conditions:
@@ -165,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
     columns = Columns(args.query_column, args.positive_column, args.negatives_column)
     if fmt == "beir" and (columns.query, columns.positive, columns.negatives) != ("query", "positive", []):
         raise DataError("--query-column/--positive-column/--negatives-column do not apply to a BEIR folder")
-    evaluation: set[str] = set()
+    evaluation: dict[str, str] = {}
     for folder in args.eval_beir:
         evaluation |= beir_eval_queries(folder, args.eval_split)
     for path in args.eval_sts:
@@ -184,6 +207,9 @@ def run(args: argparse.Namespace) -> int:
     rows_in = 0
     try:
         for item in tqdm(read_rows(args.input, fmt, args.split), desc="rows", unit=" rows", mininterval=1):
+            if rows_in == 0 and isinstance(item, Row):  # a misspelt column: one error, not one per row
+                mapped = [columns.query, columns.positive, *columns.negatives] if fmt in FIXED_COLUMNS else []
+                _check_columns(args.input, item.data, mapped + [c for c, _ in where])
             rows_in += 1
             if isinstance(item, BadRow):
                 problem, raw = Problem(item.location, item.reason, item.message), item.raw
@@ -195,11 +221,13 @@ def run(args: argparse.Namespace) -> int:
                 pair, problem = to_pair(item.data, columns)
                 raw = item.data
                 if problem is None and evaluation and normalise(pair["query"]) in evaluation:
-                    problem = Problem("", "query_in_evaluation", "the query occurs in the evaluation data")
+                    leak = evaluation[normalise(pair["query"])]
+                    problem = Problem("", "query_in_evaluation", f"the query occurs in the evaluation data ({leak})")
                 if problem is None:
-                    reason = dedup.check(pair["query"], pair["positive"])
-                    if reason:
-                        problem = Problem("", reason, f"{reason.replace('_', ' ')} of an earlier pair")
+                    duplicate = dedup.check(pair["query"], pair["positive"], item.location)
+                    if duplicate:
+                        reason, earlier = duplicate
+                        problem = Problem("", reason, f"{reason.replace('_', ' ')} of the pair at {earlier}")
                 if problem is not None:
                     problem.location = item.location
             if problem is not None:
@@ -218,7 +246,8 @@ def run(args: argparse.Namespace) -> int:
         if errors and args.on_error == "fail":
             raise DataError(_failure(args.input, errors, counts, shown))
         if writer.rows == 0:
-            raise DataError(f"{args.input}: no rows left (read {rows_in}; removed: {counts or 'none'})")
+            summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())) or "none"
+            raise DataError(f"{args.input}: no rows left (read {rows_in}; removed: {summary})")
     except BaseException:
         writer.abort()
         rejected.abort()
@@ -255,7 +284,7 @@ def _failure(source: str, errors: int, counts: dict[str, int], shown: list[Probl
     lines += [f"  {source}, {p.location}: {p.message}" for p in shown]
     if errors > len(shown):
         lines.append(f"  ... and {errors - len(shown)} more")
-    lines.append("fix them, map your columns (--query-column, --positive-column), or pass --on-error drop; nothing was written")
+    lines.append("nothing was written; fix them, or pass --on-error drop to leave them out")
     return "\n".join(lines)
 
 

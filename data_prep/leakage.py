@@ -30,25 +30,26 @@ def normalise(text: str) -> str:
     return _SPACES.sub(" ", _PUNCTUATION.sub(" ", text)).strip()
 
 
-def beir_eval_queries(folder: str, split: str) -> set[str]:
-    """The normalised texts of the queries judged in qrels/<split>.tsv."""
+def beir_eval_queries(folder: str, split: str) -> dict[str, str]:
+    """The normalised texts of the queries judged in qrels/<split>.tsv, each with where it is."""
     root = Path(folder)
     queries = read_queries(root / "queries.jsonl")
     judged = read_qrels(root / "qrels" / f"{split}.tsv")
     missing = [q for q in judged if q not in queries]
     if missing:
         raise DataError(f"{root}: qrels/{split}.tsv names queries not in queries.jsonl, e.g. {missing[0]!r}")
-    return {normalise(queries[q]) for q in judged}
+    return {normalise(queries[q]): f"{folder} {split} query {q}" for q in judged}
 
 
-def sts_eval_sentences(path: str) -> set[str]:
+def sts_eval_sentences(path: str) -> dict[str, str]:
+    """The normalised sentences of an STS file, each with where it is."""
     from trainer.evaluation.sts import read_sts
 
     first, second, _ = read_sts(STSEvalConfig(kind="sts", name="sts", path=path))
-    return {normalise(t) for t in first + second}
+    return {normalise(t): f"{path} pair {i % len(first) + 1}" for i, t in enumerate(first + second)}
 
 
-def find_leaks(rows: list[dict], query_column: str, evaluation: set[str]) -> list[int]:
+def find_leaks(rows: list[dict], query_column: str, evaluation: dict[str, str]) -> list[int]:
     """0-based indices of rows whose query is in the evaluation set."""
     return [i for i, row in enumerate(rows) if normalise(str(row[query_column])) in evaluation]
 
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.eval_beir and not args.eval_sts:
         raise DataError("give at least one --eval-beir FOLDER or --eval-sts FILE")
     out = check_output(args.out, args.overwrite)
-    evaluation: set[str] = set()
+    evaluation: dict[str, str] = {}
     for folder in args.eval_beir:
         evaluation |= beir_eval_queries(folder, args.split)
     for path in args.eval_sts:

@@ -78,6 +78,8 @@ class MiningReport:
     rows: int = 0
     dropped_short: int = 0
     """Pairs with fewer allowed candidates than num_negatives (not written)."""
+    dropped: list[dict] = field(default_factory=list)
+    """Those pairs, with the number of candidates they had."""
     guarded: int = 0
     """Candidates removed by the false-negative guard."""
     extra: dict = field(default_factory=dict)
@@ -153,6 +155,8 @@ def select_negatives(
             report.guarded += len(candidates) - len(allowed)
             if len(allowed) < settings.num_negatives:
                 report.dropped_short += 1
+                report.dropped.append({"reason": "too_few_negatives", "allowed_candidates": len(allowed),
+                                       "query": query, "positive": task.corpus[positive]})
                 continue
             if settings.sampling == "random":
                 picked = sorted(rng.sample(range(len(allowed)), settings.num_negatives))
@@ -251,19 +255,25 @@ def run(args: argparse.Namespace) -> int:
         "tool": "embtrain prep mine",
         "source": source,
         "model": args.model,
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "max_seq_length": config.max_seq_length},
         "queries": len(task.queries),
         "corpus": len(task.corpus),
         "dropped_short": report.dropped_short,
         "guarded_candidates": report.guarded,
         "seconds": round(time.time() - started, 1),
     }
+    rejected = out.with_name(out.name + ".rejected.jsonl")
+    if report.dropped:
+        write_jsonl(report.dropped, rejected, None)
+        manifest["rejected_file"] = str(rejected)
     manifest_path = write_jsonl(rows, out, manifest)
-    print(
-        f"wrote {len(rows)} rows to {out} ({report.dropped_short} pairs with fewer than "
-        f"{settings.num_negatives} allowed negatives dropped; {report.guarded} candidates removed by the "
-        f"false-negative guard); manifest {manifest_path}"
-    )
+    print(f"wrote {len(rows)} rows to {out}; manifest {manifest_path}")
+    print(f"{report.guarded} candidates removed by the false-negative guard")
+    if report.dropped:
+        print(
+            f"{report.dropped_short} pairs left out: fewer than {settings.num_negatives} candidates in ranks "
+            f"{settings.rank_min}-{settings.rank_max} passed the guard (listed in {rejected})"
+        )
     return 0
 
 

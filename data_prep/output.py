@@ -57,8 +57,9 @@ class JsonlWriter:
         self.partial.unlink(missing_ok=True)
 
 
-def write_jsonl(rows: list[dict], out: Path, manifest: dict) -> Path:
-    """Write the rows and the manifest (with the row count and the file's sha256); returns the manifest path."""
+def write_jsonl(rows: list[dict], out: Path, manifest: dict | None) -> Path | None:
+    """Write the rows and the manifest (with the row count and the file's sha256) unless it is
+    None; returns the manifest path."""
     writer = JsonlWriter(out)
     for row in rows:
         writer.write(row)

@@ -138,7 +138,7 @@ def _delimited(path: Path, fmt: str) -> Iterator[Row | BadRow]:
                     location,
                     "wrong_field_count",
                     f"{len(fields)} fields, the header has {len(header)}"
-                    + ("; a text with a tab or an unbalanced quote?" if fmt == "tsv" else ""),
+                    + ("; a text containing a tab?" if fmt == "tsv" else "; an unbalanced quote?"),
                     ("\t" if fmt == "tsv" else ",").join(fields),
                 )
                 continue

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from trainer.config import (
     ModelConfig,
+    PairsSource,
     RecipeError,
     RetrievalEvalConfig,
     STSEvalConfig,
@@ -16,16 +17,25 @@ from trainer.config import (
     recipe_to_yaml,
 )
 from trainer.data.errors import DataError
-from trainer.data.readers import path_exists
+from trainer.data.readers import path_exists, peek_columns
 from trainer.errors import PREEMPTED_EXIT_CODE, Preempted, RunError
 
 
 def check_paths(recipe) -> list[str]:
-    """Data files and folders the recipe names that do not exist."""
+    """Data files and folders the recipe names that do not exist, and mapped columns their
+    files lack (read from the first line or the schema only)."""
     missing = []
     for i, source in enumerate(recipe.data.train):
         if not path_exists(source.path):
             missing.append(f"data.train.{i}.path: {source.path} not found")
+            continue
+        if not isinstance(source, PairsSource):
+            continue
+        columns = peek_columns(source.path, source.format)
+        for key in ("query_column", "positive_column", "negatives_column"):
+            wanted = getattr(source, key)
+            if columns is not None and wanted is not None and wanted not in columns:
+                missing.append(f"data.train.{i}.{key}: {source.path} has no column '{wanted}' (columns: {columns})")
     for i, eval_set in enumerate(recipe.evaluation.sets):
         if not Path(eval_set.path).exists():
             missing.append(f"evaluation.sets.{i}.path: {eval_set.path} not found")

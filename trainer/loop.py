@@ -134,17 +134,22 @@ def flat_config(tree: dict, prefix: str = "") -> dict[str, str | int | float | b
     return flat
 
 
-def setup_run_dir(recipe: Recipe, resume: bool, accelerator: Accelerator) -> Path:
+def check_run_dir(recipe: Recipe, resume: bool) -> Path:
+    """The run's folder; refuses one that holds checkpoints unless resuming."""
     run_dir = Path(recipe.checkpointing.output_dir) / recipe.run_name
     if step_checkpoints(run_dir) and not resume:
         raise RunError(
             f"{run_dir} already holds checkpoints; pass --resume to continue that run "
             f"or choose another name with run_name=NEW_NAME"
         )
+    return run_dir
+
+
+def create_run_dir(recipe: Recipe, run_dir: Path, accelerator: Accelerator) -> None:
+    """Made once the data has been read, so that a data error leaves no folder behind."""
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
-    return run_dir
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
@@ -158,10 +163,11 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
         step_scheduler_with_optimizer=False,
     )
     set_seed(recipe.seed)
-    run_dir = setup_run_dir(recipe, resume, accelerator)
+    run_dir = check_run_dir(recipe, resume)
 
     # ---------------------------------------------------------------- data and model
     examples = read_training_data(recipe.data.train, recipe.data.num_negatives)
+    create_run_dir(recipe, run_dir, accelerator)
     encoder = Encoder.from_config(recipe.model)
     sources = recipe.data.train
     sampler = NoDuplicatesBatchSampler(

@@ -180,6 +180,7 @@ def test_exact_and_near_duplicates_are_removed_shared_positives_are_not(tmp_path
     assert [(r["location"], r["reason"]) for r in rejected] == [
         ("line 2", "exact_duplicate"), ("line 3", "near_duplicate"), ("line 4", "near_duplicate"),
     ]
+    assert all(r["message"].endswith("of the pair at line 1") for r in rejected)
     out2 = tmp_path / "exact.jsonl"
     assert ingest("--input", str(path), "--out", str(out2), "--dedup", "exact") == 0
     assert len(read_jsonl(out2)) == 6
@@ -191,7 +192,7 @@ def test_near_duplicate_threshold():
     for dedup in (strict, loose):
         assert dedup.check("how do i reset my password on the website", "doc") is None
     assert strict.check("how can i reset my password on the website", "doc") is None
-    assert loose.check("how can i reset my password on the website", "doc") == "near_duplicate"
+    assert loose.check("how can i reset my password on the website", "doc", "line 9") == ("near_duplicate", "")
 
 
 def test_leaked_queries_and_false_negatives_are_removed(tmp_path):
@@ -211,6 +212,8 @@ def test_leaked_queries_and_false_negatives_are_removed(tmp_path):
     assert read_jsonl(out) == [rows[0]]
     manifest = json.loads((tmp_path / "out.jsonl.manifest.json").read_text())
     assert manifest["removed"] == {"negative_equals_positive": 1, "query_in_evaluation": 1}
+    leak = read_jsonl(tmp_path / "out.jsonl.rejected.jsonl")[0]
+    assert leak["location"] == "line 2" and leak["message"].endswith(f"({SCIFACT} test query {judged})")
 
 
 def test_where_filter_and_token_lengths(tmp_path, tiny_model):
@@ -231,6 +234,20 @@ def test_where_filter_and_token_lengths(tmp_path, tiny_model):
     tokens = manifest["lengths"]["positive"]["tokens"]
     assert (tokens["min"], tokens["max"], tokens["over_6"]) == (min(expected), max(expected), 1)
     assert ingest("--input", str(path), "--where", "label", "--out", str(tmp_path / "x.jsonl")) == 2
+
+
+def test_a_misspelt_column_is_one_error_with_a_suggestion(tmp_path, capsys):
+    path = tmp_path / "qa.tsv"
+    path.write_text("Quality\t#1 String\t#2 String\n1\ta b c\td e f\n" * 1)
+    out = tmp_path / "out.jsonl"
+    assert ingest("--input", str(path), "--query-column", "#1 string", "--positive-column", "#2 String",
+                  "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("no column") == 1 and "no column '#1 string' (did you mean '#1 String'?)" in err
+    assert ingest("--input", str(path), "--query-column", "#1 String", "--positive-column", "#2 String",
+                  "--where", "quality=1", "--out", str(out)) == 2
+    assert "no column 'quality' (did you mean 'Quality'?)" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_existing_output_is_refused(tmp_path, pairs_file, capsys):

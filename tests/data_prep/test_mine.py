@@ -73,7 +73,8 @@ def test_false_negative_guards_and_short_rows():
     assert all(s < r["positive_score"] * 0.9 for r in rows for s in r["negative_scores"])
     impossible = MiningSettings(num_negatives=3, rank_max=40, margin=5.0)  # cosine gaps are at most 2
     rows, report = select_negatives(task, queries, documents, impossible)
-    assert rows == [] and report.dropped_short == 80
+    assert rows == [] and report.dropped_short == len(report.dropped) == 80
+    assert report.dropped[0]["reason"] == "too_few_negatives" and report.dropped[0]["query"] == "q0"
 
 
 def test_random_sampling_is_seeded_and_stays_in_the_rank_range():
@@ -121,9 +122,16 @@ def test_cli_writes_rows_and_manifest_that_train_reads(tmp_path, tiny_model, tin
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     manifest = json.loads((tmp_path / "mined.jsonl.manifest.json").read_text())
     assert manifest["rows"] == len(rows) == 28 and manifest["settings"]["num_negatives"] == 2
+    assert manifest["settings"]["max_seq_length"] == 256  # the model's default, recorded
     assert "wrote 28 rows" in capsys.readouterr().out
     assert main(args) == 2  # never overwrites without --overwrite
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    strict = tmp_path / "strict.jsonl"
+    assert main([*args[:-7], "--out", str(strict), "--num-negatives", "2", "--ranks", "1", "10", "--margin", "1.5"]) == 0
+    assert "pairs left out: fewer than 2 candidates" in capsys.readouterr().out
+    dropped = [json.loads(line) for line in (tmp_path / "strict.jsonl.rejected.jsonl").read_text().splitlines()]
+    kept = [json.loads(line) for line in strict.read_text().splitlines()]
+    assert dropped and len(dropped) + len(kept) == 28
     from trainer.data.readers import read_examples
 
     examples = read_examples(PairsSource(kind="pairs", path=str(out), negatives_column="negatives"))

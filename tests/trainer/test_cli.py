@@ -26,6 +26,18 @@ def test_validate_reports_missing_data(tmp_path, capsys):
     assert "data.train.0.path: nowhere.jsonl not found" in capsys.readouterr().err
 
 
+def test_validate_reports_columns_a_file_lacks(tmp_path, capsys, pairs_file):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"run_name: x\nmodel:\n  name_or_path: m\ndata:\n  train:\n    - kind: pairs\n      path: {pairs_file}\n"
+        "      negatives_column: hard_negatives\n"
+    )
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"data.train.0.negatives_column: {pairs_file} has no column 'hard_negatives'" in err
+    assert "'query', 'positive', 'negatives'" in err
+
+
 def test_train_with_missing_data_points_to_the_recipes_before_command(tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(

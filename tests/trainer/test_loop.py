@@ -109,6 +109,15 @@ def test_refuses_to_overwrite_a_run(tmp_path, tiny_model, pairs_file, tiny_beir)
         train(load_recipe(path, overrides))
 
 
+def test_a_data_error_leaves_no_run_folder(tmp_path, tiny_model, pairs_file, tiny_beir):
+    from trainer.data.errors import DataError
+
+    path = recipe_file(tmp_path, tiny_model, pairs_file, tiny_beir)
+    with pytest.raises(DataError, match="missing column 'hard'"):
+        train(load_recipe(path, ["data.train.0.negatives_column=hard"]))
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
 def test_bf16_autocast_and_gradient_accumulation_run(tmp_path, tiny_model, pairs_file, tiny_beir):
     path = recipe_file(tmp_path, tiny_model, pairs_file, tiny_beir)
     recipe = load_recipe(

@@ -29,6 +29,31 @@ def path_exists(pattern: str) -> bool:
     return Path(pattern).exists() or bool(glob.glob(pattern))
 
 
+def peek_columns(path: str, fmt: str) -> list[str] | None:
+    """The column names of a pairs file from its first line or schema, without reading it;
+    None when they cannot be told (an unknown format, an empty or unreadable file)."""
+    import csv
+    import json
+
+    files = [path] if Path(path).is_file() else sorted(glob.glob(path))
+    fmt = _BUILDERS.get(Path(path).suffix.lower()) if fmt == "auto" else fmt
+    if not files or fmt is None:
+        return None
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(files[0]).names)
+        with open(files[0], encoding="utf-8-sig", newline="") as handle:
+            if fmt == "jsonl":
+                first = next((line for line in handle if line.strip()), "")
+                row = json.loads(first)
+                return list(row) if isinstance(row, dict) else None
+            return next(csv.reader(handle, delimiter="\t" if fmt == "tsv" else ","))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
 def load_table(path: str, fmt: str):
     import datasets
 

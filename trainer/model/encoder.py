@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -67,6 +68,34 @@ def saved_model_config(path: str) -> ModelConfig | None:
     return None
 
 
+def _load_backbone(path: str) -> torch.nn.Module:
+    """The backbone without its pooler head (unused by every pooling here). transformers' own
+    load report is silenced, since it flags the pooler weights left out; weights that really are
+    missing or unused are reported in one line instead."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        try:
+            backbone, info = AutoModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True)
+        except TypeError:  # models without a pooler option
+            backbone, info = AutoModel.from_pretrained(path, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = list(info.get("missing_keys") or [])
+    unused = [k for k in info.get("unexpected_keys") or [] if not k.startswith("pooler.")]
+    if missing or unused:
+        print(
+            f"warning: {path}: {len(missing)} weights not in the checkpoint, initialised at random "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); {len(unused)} checkpoint weights "
+            f"unused ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''})",
+            file=sys.stderr,
+        )
+    return backbone
+
+
 def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:
     """Non-reentrant checkpointing (works with GradCache's replays); the name changed in transformers 5."""
     options = {"use_reentrant": False}
@@ -91,10 +120,7 @@ class Encoder(torch.nn.Module):
         path = resolve_model_path(config.name_or_path)
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
-            try:  # encoders' pooler head is unused by every pooling here; leave it out
-                backbone = AutoModel.from_pretrained(path, add_pooling_layer=False)
-            except TypeError:
-                backbone = AutoModel.from_pretrained(path)
+            backbone = _load_backbone(path)
         except OSError as exc:
             raise FileNotFoundError(f"model {config.name_or_path!r}: cannot load: {exc}") from None
         if tokenizer.pad_token is None:  # decoder LLMs often have none
