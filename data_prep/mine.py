@@ -9,7 +9,7 @@ ranked first), `negative_scores`, `positive_score`, plus `<out>.manifest.json` w
 counts and a content hash. Train on it with a `pairs` source and `negatives_column: negatives`.
 
 Search is exact (dot product of the model's embeddings) over chunks of queries, so memory is the
-corpus embeddings plus one chunk of scores.
+corpus embeddings plus one chunk of scores (at most 2**26 of them).
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ def select_negatives(
     if settings.search == "faiss":
         scores, indices = faiss_search(queries, documents, top_k)
     else:
-        scores, indices = exact_search(queries, documents, top_k=top_k, chunk_size=256)
+        # at most 2**26 scores (256 MB) at a time, however large the corpus
+        chunk_size = max(1, min(256, 2**26 // max(1, documents.shape[0])))
+        scores, indices = exact_search(queries, documents, top_k=top_k, chunk_size=chunk_size)
     rng = random.Random(settings.seed)
     report = MiningReport()
     rows = []

@@ -124,8 +124,12 @@ def _scan(table, name: str, columns: dict[str, str], num_negatives: int | None, 
     negative_lists: list[list[int]] = []
     counts: set[int] = set()
     has_negatives = "negatives" in columns
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=size, desc=f"checking {name}", unit=" rows", disable=size < 200_000, leave=False)
     for start in range(0, size, _CHUNK):
         chunk = table[start : start + _CHUNK]
+        progress.update(len(chunk["query"]))
         for j, (q, p) in enumerate(zip(chunk["query"], chunk["positive"])):
             row = start + j + 1
             query[start + j] = hash(_check_text(name, row, columns["query"], q))
@@ -142,6 +146,7 @@ def _scan(table, name: str, columns: dict[str, str], num_negatives: int | None, 
                 [hash(_check_text(name, row, f"{columns['negatives']}[{i}]", n)) for i, n in enumerate(kept)]
             )
             counts.add(len(kept))
+    progress.close()
     if len(counts) > 1:
         raise DataError(
             f"{name}: rows have different numbers of hard negatives ({sorted(counts)}); "
