@@ -1,6 +1,8 @@
 """The cached (GradCache) step and cross-device negatives give the plain step's loss and gradients."""
 
+import time
 from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -86,7 +88,10 @@ def test_cached_replays_dropout_exactly(tiny_model):
 
 
 def _worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # a timeout turns a stuck collective into an error instead of a hung test
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     try:
         encoder = load(Path(model_dir)).eval()
         model = torch.nn.parallel.DistributedDataParallel(encoder)
@@ -106,7 +111,13 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str)
 
 
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_model, tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tiny_model), str(tmp_path)), nprocs=2, join=True)
+    workers = mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tiny_model), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300
+    while not workers.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.terminate()
+            pytest.fail("the two processes did not finish within 300 s")
     encoder = load(tiny_model).eval()
     batch = batch_of(encoder, examples())
     loss, _ = plain_step(encoder, LOSS, batch, lambda l: l.backward(), cross_device=False)
