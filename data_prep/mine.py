@@ -273,8 +273,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{report.guarded} candidates removed by the false-negative guard")
     if report.dropped:
         print(
-            f"{report.dropped_short} pairs left out: fewer than {settings.num_negatives} candidates in ranks "
-            f"{settings.rank_min}-{settings.rank_max} passed the guard (listed in {rejected})"
+            f"{report.dropped_short} pairs left out: in ranks {settings.rank_min}-{settings.rank_max}, fewer "
+            f"candidates than --num-negatives {settings.num_negatives} passed the guard (listed in {rejected})"
         )
     return 0
 

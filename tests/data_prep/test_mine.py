@@ -128,7 +128,7 @@ def test_cli_writes_rows_and_manifest_that_train_reads(tmp_path, tiny_model, tin
     assert "exists; pass --overwrite" in capsys.readouterr().err
     strict = tmp_path / "strict.jsonl"
     assert main([*args[:-7], "--out", str(strict), "--num-negatives", "2", "--ranks", "1", "10", "--margin", "1.5"]) == 0
-    assert "pairs left out: fewer than 2 candidates" in capsys.readouterr().out
+    assert "pairs left out: in ranks 1-10, fewer candidates than --num-negatives 2 passed" in capsys.readouterr().out
     dropped = [json.loads(line) for line in (tmp_path / "strict.jsonl.rejected.jsonl").read_text().splitlines()]
     kept = [json.loads(line) for line in strict.read_text().splitlines()]
     assert dropped and len(dropped) + len(kept) == 28
