@@ -89,11 +89,13 @@ def task_from_beir(folder: str, split: str, min_score: int = 1) -> MiningTask:
     beir = read_beir(folder, split)
     doc_ids = list(beir.corpus)
     row_of = {d: i for i, d in enumerate(doc_ids)}
-    query_ids = [q for q, docs in beir.qrels.items() if any(s >= min_score for s in docs.values())]
+    positives: dict[str, list[int]] = {}
+    for query_id, doc_id in beir.relevant_pairs(min_score):
+        positives.setdefault(query_id, []).append(row_of[doc_id])
     return MiningTask(
-        queries=[beir.queries[q] for q in query_ids],
+        queries=[beir.queries[q] for q in positives],
         corpus=[beir.corpus[d] for d in doc_ids],
-        positives=[[row_of[d] for d, s in beir.qrels[q].items() if s >= min_score] for q in query_ids],
+        positives=list(positives.values()),
     )
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Iterator
 
 from trainer.data.errors import DataError
+from trainer.data.readers import FORMAT_OF_SUFFIX
 
 FORMATS = ("auto", "jsonl", "csv", "tsv", "parquet", "hf", "beir")
-_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".parquet": "parquet"}
+_SUFFIXES = {**FORMAT_OF_SUFFIX, ".txt": "tsv"}
 
 
 @dataclass
@@ -180,13 +181,8 @@ def _beir(path: Path, split: str) -> Iterator[Row]:
     from trainer.data.beir import read_beir
 
     beir = read_beir(path, split)
-    number = 0
-    for query_id, docs in beir.qrels.items():
-        for doc_id, score in docs.items():
-            number += 1
-            if score < 1:
-                continue
-            yield Row(
-                f"qrels/{split}.tsv pair {number} (query {query_id}, document {doc_id})",
-                {"query": beir.queries[query_id], "positive": beir.corpus[doc_id]},
-            )
+    for number, (query_id, doc_id) in enumerate(beir.relevant_pairs(), start=1):
+        yield Row(
+            f"qrels/{split}.tsv pair {number} (query {query_id}, document {doc_id})",
+            {"query": beir.queries[query_id], "positive": beir.corpus[doc_id]},
+        )

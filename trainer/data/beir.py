@@ -19,6 +19,13 @@ class BeirSet:
     qrels: dict[str, dict[str, int]]
     """Query id to {document id: relevance}."""
 
+    def relevant_pairs(self, min_score: int = 1) -> Iterator[tuple[str, str]]:
+        """(query id, document id) of every qrel scoring at least `min_score`, in file order."""
+        for query_id, docs in self.qrels.items():
+            for doc_id, score in docs.items():
+                if score >= min_score:
+                    yield query_id, doc_id
+
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     try:

@@ -21,7 +21,7 @@ from trainer.data.examples import Example
 from trainer.data.training_set import TextKeys, TrainingSet
 
 _CHUNK = 4096
-_BUILDERS = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 
 
 def path_exists(pattern: str) -> bool:
@@ -36,7 +36,7 @@ def peek_columns(path: str, fmt: str) -> list[str] | None:
     import json
 
     files = [path] if Path(path).is_file() else sorted(glob.glob(path))
-    fmt = _BUILDERS.get(Path(path).suffix.lower()) if fmt == "auto" else fmt
+    fmt = FORMAT_OF_SUFFIX.get(Path(path).suffix.lower()) if fmt == "auto" else fmt
     if not files or fmt is None:
         return None
     try:
@@ -59,9 +59,9 @@ def load_table(path: str, fmt: str):
 
     if fmt == "auto":
         suffix = Path(path).suffix.lower()
-        if suffix not in _BUILDERS:
+        if suffix not in FORMAT_OF_SUFFIX:
             raise DataError(f"{path}: cannot tell the format from '{suffix}'; set format: jsonl|csv|tsv|parquet")
-        fmt = _BUILDERS[suffix]
+        fmt = FORMAT_OF_SUFFIX[suffix]
     if not path_exists(path):
         raise DataError(f"{path}: file not found")
     builder = {"jsonl": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}[fmt]
@@ -167,11 +167,9 @@ def read_beir_pairs(source: BeirSource, num_negatives: int | None, index: int = 
         raise DataError(f"{source.path}: data.num_negatives is {num_negatives}, but a beir source has no hard negatives")
     beir = read_beir(source.path, source.split)
     rows = {"query": [], "positive": []}
-    for query_id, docs in beir.qrels.items():
-        for doc_id, score in docs.items():
-            if score >= source.min_score:
-                rows["query"].append(beir.queries[query_id])
-                rows["positive"].append(beir.corpus[doc_id])
+    for query_id, doc_id in beir.relevant_pairs(source.min_score):
+        rows["query"].append(beir.queries[query_id])
+        rows["positive"].append(beir.corpus[doc_id])
     if source.max_examples is not None:
         rows = {k: v[: source.max_examples] for k, v in rows.items()}
     table = datasets.Dataset.from_dict(rows)
