@@ -103,6 +103,24 @@ def to_pair(data: dict, columns: Columns) -> tuple[dict | None, Problem | None]:
     return pair, None
 
 
+def screen(item: Row, columns: Columns, evaluation: dict[str, str], dedup: Deduplicator) -> tuple[dict | None, Problem | None]:
+    """The pair to write, or why the row is left out: a problem, a leak or a duplicate."""
+    pair, problem = to_pair(item.data, columns)
+    if problem is None and evaluation:
+        leak = evaluation.get(normalise(pair["query"]))
+        if leak is not None:
+            problem = Problem("", "query_in_evaluation", f"the query occurs in the evaluation data ({leak})")
+    if problem is None:
+        duplicate = dedup.check(pair["query"], pair["positive"], item.location)
+        if duplicate:
+            reason, earlier = duplicate
+            problem = Problem("", reason, f"{reason.replace('_', ' ')} of the pair at {earlier}")
+    if problem is None:
+        return pair, None
+    problem.location = item.location
+    return None, problem
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", required=True, help="file (jsonl, csv, tsv, parquet) or folder (BEIR, datasets)")
     parser.add_argument("--format", choices=FORMATS, default="auto", help="default: from the extension or folder contents")
@@ -212,24 +230,13 @@ def run(args: argparse.Namespace) -> int:
                 _check_columns(args.input, item.data, mapped + [c for c, _ in where])
             rows_in += 1
             if isinstance(item, BadRow):
-                problem, raw = Problem(item.location, item.reason, item.message), item.raw
-                pair = None
+                pair, problem, raw = None, Problem(item.location, item.reason, item.message), item.raw
+            elif where and not all(str(item.data.get(c)) == v for c, v in where):
+                counts["filtered_by_where"] = counts.get("filtered_by_where", 0) + 1
+                continue
             else:
-                if where and not all(str(item.data.get(c)) == v for c, v in where):
-                    counts["filtered_by_where"] = counts.get("filtered_by_where", 0) + 1
-                    continue
-                pair, problem = to_pair(item.data, columns)
+                pair, problem = screen(item, columns, evaluation, dedup)
                 raw = item.data
-                if problem is None and evaluation and normalise(pair["query"]) in evaluation:
-                    leak = evaluation[normalise(pair["query"])]
-                    problem = Problem("", "query_in_evaluation", f"the query occurs in the evaluation data ({leak})")
-                if problem is None:
-                    duplicate = dedup.check(pair["query"], pair["positive"], item.location)
-                    if duplicate:
-                        reason, earlier = duplicate
-                        problem = Problem("", reason, f"{reason.replace('_', ' ')} of the pair at {earlier}")
-                if problem is not None:
-                    problem.location = item.location
             if problem is not None:
                 counts[problem.reason] = counts.get(problem.reason, 0) + 1
                 if problem.reason in ERROR_REASONS and len(shown) < PROBLEMS_SHOWN:
