@@ -15,29 +15,22 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from trainer.checkpoint import (
-    TrainState,
-    latest_checkpoint,
-    load_checkpoint,
-    save_best,
-    save_checkpoint,
-    step_checkpoints,
-)
-from trainer.config import EvaluationConfig, OptimizerConfig, Recipe, ScheduleConfig, recipe_to_yaml
+from trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import OptimizerConfig, Recipe, ScheduleConfig
 from trainer.data.collate import Collator
 from trainer.data.readers import read_training_data
 from trainer.data.sampler import NoDuplicatesBatchSampler
-from trainer.evaluation import Evaluator, build_evaluator
 from trainer.errors import Preempted, RunError
-from trainer.evaluation.cache import EvalCache, cache_key
+from trainer.evaluation.runner import EvalRunner
 from trainer.losses import WeightedLoss, build_loss
 from trainer.model.encoder import Encoder
 from trainer.preemption import PreemptionWatch
+from trainer.run_dir import check_run_dir, create_run_dir
 from trainer.step import cached_step, plain_step
 
 
@@ -72,53 +65,6 @@ class MetricsLog:
         self.accelerator.log(values, step=step)
 
 
-class EvalRunner:
-    """Evaluates on the main process; keeps the best model by the chosen metric."""
-
-    def __init__(self, config: EvaluationConfig, recipe: Recipe, run_dir: Path, save_best_model: bool) -> None:
-        self.config = config
-        self.recipe = recipe
-        self.run_dir = run_dir
-        self.save_best_model = save_best_model and config.metric_for_best is not None
-        self.evaluators: dict[str, Evaluator] = {s.name: build_evaluator(s) for s in config.sets}
-        self.cache = EvalCache(Path(recipe.checkpointing.output_dir) / ".eval_cache")
-
-    def run(self, accelerator: Accelerator, encoder: Encoder, *, cached: bool = False) -> dict[str, float]:
-        metrics: dict[str, float] = {}
-        if accelerator.is_main_process and self.evaluators:
-            model = accelerator.unwrap_model(encoder)
-            for eval_set in self.config.sets:
-                key = cache_key(self.recipe.model, eval_set) if cached else None
-                values = self.cache.get(key)
-                if values is None:
-                    values = self.evaluators[eval_set.name](model)
-                    self.cache.put(key, values)
-                metrics.update({f"{eval_set.name}/{k}": v for k, v in values.items()})
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-            tqdm.write(f"eval: {shown}")
-        if accelerator.num_processes > 1:  # every process needs the numbers to agree on the best step
-            metrics = broadcast_object_list([metrics])[0]
-        return metrics
-
-    def update_best(self, accelerator: Accelerator, encoder: Encoder, metrics: dict[str, float], state: TrainState):
-        name = self.config.metric_for_best
-        if name is None:
-            return
-        if name not in metrics:
-            raise RunError(f"evaluation.metric_for_best {name!r} is not among the metrics {sorted(metrics)}")
-        value = metrics[name]
-        better = state.best_metric is None or (
-            value > state.best_metric if self.config.greater_is_better else value < state.best_metric
-        )
-        if better:
-            state.best_metric, state.best_step = value, state.step
-            if self.save_best_model:
-                full_state = accelerator.get_state_dict(encoder)  # collective when parameters are sharded
-                if accelerator.is_main_process:
-                    save_best(accelerator.unwrap_model(encoder), full_state, self.run_dir, metrics, state.step)
-                accelerator.wait_for_everyone()
-
-
 def flat_config(tree: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
     """Nested recipe to dotted scalar keys, the form trackers accept as hyper-parameters."""
     flat: dict[str, str | int | float | bool] = {}
@@ -132,24 +78,6 @@ def flat_config(tree: dict, prefix: str = "") -> dict[str, str | int | float | b
         else:
             flat[name] = "null" if value is None else value
     return flat
-
-
-def check_run_dir(recipe: Recipe, resume: bool) -> Path:
-    """The run's folder; refuses one that holds checkpoints unless resuming."""
-    run_dir = Path(recipe.checkpointing.output_dir) / recipe.run_name
-    if step_checkpoints(run_dir) and not resume:
-        raise RunError(
-            f"{run_dir} already holds checkpoints; pass --resume to continue that run "
-            f"or choose another name with run_name=NEW_NAME"
-        )
-    return run_dir
-
-
-def create_run_dir(recipe: Recipe, run_dir: Path, accelerator: Accelerator) -> None:
-    """Made once the data has been read, so that a data error leaves no folder behind."""
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:

@@ -1,0 +1,64 @@
+"""Evaluation during training: every set, at start, every N steps and at the end; keeps the
+best model by the chosen metric."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from tqdm.auto import tqdm
+
+from trainer.checkpoint import TrainState, save_best
+from trainer.config import EvaluationConfig, Recipe
+from trainer.errors import RunError
+from trainer.evaluation import Evaluator, build_evaluator
+from trainer.evaluation.cache import EvalCache, cache_key
+from trainer.model.encoder import Encoder
+
+
+class EvalRunner:
+    """Evaluates on the main process; keeps the best model by the chosen metric."""
+
+    def __init__(self, config: EvaluationConfig, recipe: Recipe, run_dir: Path, save_best_model: bool) -> None:
+        self.config = config
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.save_best_model = save_best_model and config.metric_for_best is not None
+        self.evaluators: dict[str, Evaluator] = {s.name: build_evaluator(s) for s in config.sets}
+        self.cache = EvalCache(Path(recipe.checkpointing.output_dir) / ".eval_cache")
+
+    def run(self, accelerator: Accelerator, encoder: Encoder, *, cached: bool = False) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if accelerator.is_main_process and self.evaluators:
+            model = accelerator.unwrap_model(encoder)
+            for eval_set in self.config.sets:
+                key = cache_key(self.recipe.model, eval_set) if cached else None
+                values = self.cache.get(key)
+                if values is None:
+                    values = self.evaluators[eval_set.name](model)
+                    self.cache.put(key, values)
+                metrics.update({f"{eval_set.name}/{k}": v for k, v in values.items()})
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+            tqdm.write(f"eval: {shown}")
+        if accelerator.num_processes > 1:  # every process needs the numbers to agree on the best step
+            metrics = broadcast_object_list([metrics])[0]
+        return metrics
+
+    def update_best(self, accelerator: Accelerator, encoder: Encoder, metrics: dict[str, float], state: TrainState):
+        name = self.config.metric_for_best
+        if name is None:
+            return
+        if name not in metrics:
+            raise RunError(f"evaluation.metric_for_best {name!r} is not among the metrics {sorted(metrics)}")
+        value = metrics[name]
+        better = state.best_metric is None or (
+            value > state.best_metric if self.config.greater_is_better else value < state.best_metric
+        )
+        if better:
+            state.best_metric, state.best_step = value, state.step
+            if self.save_best_model:
+                full_state = accelerator.get_state_dict(encoder)  # collective when parameters are sharded
+                if accelerator.is_main_process:
+                    save_best(accelerator.unwrap_model(encoder), full_state, self.run_dir, metrics, state.step)
+                accelerator.wait_for_everyone()
