@@ -18,7 +18,7 @@ from trainer.config import BeirSource, PairsSource, TrainSource
 from trainer.data.beir import read_beir
 from trainer.data.errors import DataError
 from trainer.data.examples import Example
-from trainer.data.training_set import TextKeys, TrainingSet
+from trainer.data.training_set import TextKeys, TrainingSet, text_key
 
 _CHUNK = 4096
 FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
@@ -132,8 +132,8 @@ def _scan(table, name: str, columns: dict[str, str], num_negatives: int | None, 
         progress.update(len(chunk["query"]))
         for j, (q, p) in enumerate(zip(chunk["query"], chunk["positive"])):
             row = start + j + 1
-            query[start + j] = hash(_check_text(name, row, columns["query"], q))
-            positive[start + j] = hash(_check_text(name, row, columns["positive"], p))
+            query[start + j] = text_key(_check_text(name, row, columns["query"], q))
+            positive[start + j] = text_key(_check_text(name, row, columns["positive"], p))
             if not has_negatives:
                 continue
             raw = chunk["negatives"][j]
@@ -143,7 +143,7 @@ def _scan(table, name: str, columns: dict[str, str], num_negatives: int | None, 
                 raise DataError(f"{name}, row {row}: has {len(raw)} hard negatives, data.num_negatives is {num_negatives}")
             kept = raw if num_negatives is None else raw[:num_negatives]
             negative_lists.append(
-                [hash(_check_text(name, row, f"{columns['negatives']}[{i}]", n)) for i, n in enumerate(kept)]
+                [text_key(_check_text(name, row, f"{columns['negatives']}[{i}]", n)) for i, n in enumerate(kept)]
             )
             counts.add(len(kept))
     progress.close()

@@ -10,13 +10,21 @@ sampler needs to keep duplicates apart.
 from __future__ import annotations
 
 import bisect
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
+import xxhash
 
 from trainer.data.examples import Example
+
+
+def text_key(text: str) -> int:
+    """A 64-bit hash of a text that is the same in every process and run (Python's `hash` of a
+    string is salted per process), so that keys can fingerprint the data a checkpoint was trained on."""
+    return xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass")) - 2**63
 
 
 PAD = -(2**63)
@@ -44,13 +52,21 @@ class TextKeys:
     def from_examples(cls, examples: Sequence[Example]) -> "TextKeys":
         width = max((len(e.negatives) for e in examples), default=0)
         return cls(
-            query=np.array([hash(e.query) for e in examples], dtype=np.int64),
-            positive=np.array([hash(e.positive) for e in examples], dtype=np.int64),
+            query=np.array([text_key(e.query) for e in examples], dtype=np.int64),
+            positive=np.array([text_key(e.positive) for e in examples], dtype=np.int64),
             negatives=np.array(
-                [[hash(n) for n in e.negatives] + [PAD] * (width - len(e.negatives)) for e in examples], dtype=np.int64
+                [[text_key(n) for n in e.negatives] + [PAD] * (width - len(e.negatives)) for e in examples], dtype=np.int64
             ).reshape(len(examples), width),
             source=np.array([e.source for e in examples], dtype=np.int32),
         )
+
+    def fingerprint(self) -> str:
+        """sha256 of every key and source index, in order: changes with any text, row or order."""
+        digest = hashlib.sha256()
+        for values in (self.query, self.positive, self.negatives, self.source):
+            digest.update(str(values.shape).encode())
+            digest.update(np.ascontiguousarray(values).tobytes())
+        return digest.hexdigest()
 
     @classmethod
     def concatenate(cls, parts: list["TextKeys"]) -> "TextKeys":

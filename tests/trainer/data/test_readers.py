@@ -6,6 +6,7 @@ from trainer.config import BeirSource, PairsSource
 from trainer.data.errors import DataError
 from trainer.data.readers import read_examples, read_training_data
 from trainer.data.examples import Example
+from trainer.data.training_set import text_key
 
 
 def pairs(path, **kw):
@@ -100,7 +101,7 @@ def test_training_set_reads_rows_lazily_from_a_memory_mapped_table(tmp_path, pai
     assert all(t.cache_files for t in data.tables)  # Arrow files on disk, memory-mapped
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     assert data[70] == Example(rows[6]["query"], rows[6]["positive"], (), 1)
-    assert data.keys.query[70] == data.keys.query[6] == hash(rows[6]["query"])
+    assert data.keys.query[70] == data.keys.query[6] == text_key(rows[6]["query"])
     swapped = read_examples(pairs(pairs_file, query_column="positive", positive_column="query"))
     assert swapped[0] == Example(rows[0]["positive"], rows[0]["query"])
 
