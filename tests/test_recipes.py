@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from trainer.cli import check_paths
-from trainer.config import load_recipe
+from trainer.config import load_recipe, recipe_to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -52,3 +52,13 @@ def test_recipe_validates(path, monkeypatch):
     made_before = prepared_outputs(path)
     missing = [m for m in check_paths(recipe) if not any(f"{out} not found" in m for out in made_before)]
     assert missing == []
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_resolved_recipe_validates_and_round_trips(path, tmp_path, monkeypatch):
+    """The resolved recipe saved with a run (every default written out) passes the same checks."""
+    monkeypatch.chdir(ROOT)
+    recipe = load_recipe(path)
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(recipe_to_yaml(recipe))
+    assert load_recipe(resolved) == recipe

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
 
-from trainer.schema import Builder, RecipeError, set_by_path
+from trainer.schema import Builder, FieldError, RecipeError, set_by_path
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "parse_overrides", "recipe_to_yaml"]
 
@@ -45,7 +46,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 1:
-            raise ValueError(f"max_seq_length must be >= 1, got {self.max_seq_length}")
+            raise FieldError("max_seq_length", f"must be >= 1, got {self.max_seq_length}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -67,6 +68,12 @@ class SourceOptions:
     """Query prefix for this source's pairs, instead of model.query_prompt."""
     document_prompt: str | None = None
     """Document prefix for this source's pairs, instead of model.document_prompt."""
+
+    def __post_init__(self) -> None:
+        if self.max_examples is not None and self.max_examples < 1:
+            raise FieldError("max_examples", f"must be >= 1 or null (all pairs), got {self.max_examples}")
+        if self.weight is not None and self.weight <= 0:
+            raise FieldError("weight", f"must be > 0, got {self.weight}")
 
 
 @dataclass
@@ -115,23 +122,23 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle pairs each epoch (seeded)."""
     num_workers: int = 0
-    """DataLoader worker processes for tokenisation."""
+    """DataLoader worker processes for tokenisation (0: tokenise in the main process)."""
     batching: Literal["homogeneous", "mixed"] = "homogeneous"
     """With several sources: every batch from one source (in-batch negatives of the same task),
     or batches that mix all sources."""
 
     def __post_init__(self) -> None:
         if not self.train:
-            raise ValueError("train needs at least one source")
+            raise FieldError("train", "needs at least one source")
         weighted = [s.weight is not None for s in self.train]
         if any(weighted) and not all(weighted):
-            raise ValueError("set weight on every training source or on none")
-        if any(s.weight is not None and s.weight <= 0 for s in self.train):
-            raise ValueError("source weights must be > 0")
+            raise FieldError("train", "set weight on every training source or on none")
         if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
+            raise FieldError("batch_size", f"must be >= 2 for in-batch negatives, got {self.batch_size}")
         if self.num_negatives is not None and self.num_negatives < 0:
-            raise ValueError("num_negatives must be >= 0")
+            raise FieldError("num_negatives", f"must be >= 0 or null, got {self.num_negatives}")
+        if self.num_workers < 0:
+            raise FieldError("num_workers", f"must be >= 0, got {self.num_workers}")
 
 
 # ----------------------------------------------------------------------------- loss
@@ -150,7 +157,7 @@ class InfoNCEConfig:
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise FieldError("temperature", f"must be > 0, got {self.temperature}")
 
 
 LossConfig = InfoNCEConfig
@@ -162,18 +169,28 @@ LossConfig = InfoNCEConfig
 @dataclass
 class OptimizerConfig:
     kind: Literal["adamw"] = "adamw"
+    """The optimiser (torch's AdamW)."""
     lr: float = 2e-5
-    """Peak learning rate."""
+    """Peak learning rate, > 0."""
     weight_decay: float = 0.01
-    """Decoupled weight decay (not applied to biases and norms)."""
+    """Decoupled weight decay, >= 0 (not applied to biases and norms)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Decay rates of AdamW's running averages of the gradient and its square, each in [0, 1)."""
     eps: float = 1e-8
+    """Added to the denominator of AdamW's update for numerical stability, > 0."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise FieldError("lr", f"must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise FieldError("weight_decay", f"must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2:
-            raise ValueError(f"betas must have two values, got {self.betas}")
+            raise FieldError("betas", f"must have two values, got {self.betas}")
+        for i, beta in enumerate(self.betas):
+            if not 0 <= beta < 1:
+                raise FieldError(f"betas.{i}", f"must be in [0, 1), got {beta}")
+        if self.eps <= 0:
+            raise FieldError("eps", f"must be > 0, got {self.eps}")
 
 
 @dataclass
@@ -181,15 +198,17 @@ class ScheduleConfig:
     kind: Literal["linear", "cosine", "constant"] = "linear"
     """Decay after warmup: linear to zero, cosine to zero, or constant."""
     warmup_steps: int | None = None
-    """Linear warmup length in optimiser steps. Give this or warmup_ratio (default 10%)."""
+    """Linear warmup length in optimiser steps, >= 0. Give this or warmup_ratio (default 10%)."""
     warmup_ratio: float | None = None
-    """Warmup as a fraction of all steps."""
+    """Warmup as a fraction of all steps, in [0, 1)."""
 
     def __post_init__(self) -> None:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("give warmup_steps or warmup_ratio, not both")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise FieldError("warmup_steps", f"must be >= 0 or null, got {self.warmup_steps}")
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise FieldError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
 
     def warmup_for(self, total_steps: int) -> int:
         if self.warmup_steps is not None:
@@ -205,7 +224,14 @@ class TrainingConfig:
     max_steps: int | None = None
     """Stop after this many optimiser steps."""
     max_grad_norm: float | None = 1.0
-    """Clip the gradient norm to this; null disables clipping."""
+    """Clip the gradient norm to this (> 0); null disables clipping."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """What to do when a step's loss or gradient norm is NaN or infinite: `skip` leaves the
+    weights unchanged for that step and counts it (logged as `nonfinite_steps`); `stop` ends the
+    run with a message naming the step and the batch's rows. Checked without a host sync per step."""
+    nonfinite_max_consecutive: int = 10
+    """With `skip`: stop after this many non-finite steps in a row (the data or the settings are
+    broken, not one batch)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """Autocast precision (bf16 also works on CPU)."""
     gradient_accumulation_steps: int = 1
@@ -223,13 +249,18 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise FieldError("epochs", f"must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise FieldError("max_steps", f"must be >= 1 or null, got {self.max_steps}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            # Clipping to 0 zeroes every update; null is the way to turn clipping off.
+            raise FieldError("max_grad_norm", f"must be > 0 or null (no clipping), got {self.max_grad_norm}")
+        if self.nonfinite_max_consecutive < 1:
+            raise FieldError("nonfinite_max_consecutive", f"must be >= 1, got {self.nonfinite_max_consecutive}")
         if self.gradient_accumulation_steps < 1:
-            raise ValueError("gradient_accumulation_steps must be >= 1")
+            raise FieldError("gradient_accumulation_steps", f"must be >= 1, got {self.gradient_accumulation_steps}")
         if self.grad_cache_chunk_size is not None and self.grad_cache_chunk_size < 1:
-            raise ValueError(f"grad_cache_chunk_size must be >= 1 or null, got {self.grad_cache_chunk_size}")
+            raise FieldError("grad_cache_chunk_size", f"must be >= 1 or null, got {self.grad_cache_chunk_size}")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -246,10 +277,17 @@ class RetrievalEvalConfig:
     path: str
     """The BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)."""
     split: str = "test"
+    """Which qrels file to read: qrels/<split>.tsv."""
     batch_size: int = 64
-    """Texts per encoding batch."""
+    """Texts per encoding batch, >= 1."""
     max_queries: int | None = None
-    """Evaluate only the first N queries (quick checks)."""
+    """Evaluate only the first N queries (quick checks); null: all of them."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.max_queries is not None and self.max_queries < 1:
+            raise FieldError("max_queries", f"must be >= 1 or null (all queries), got {self.max_queries}")
 
 
 @dataclass
@@ -267,6 +305,11 @@ class STSEvalConfig:
     sentence2_column: str = "sentence2"
     score_column: str = "score"
     batch_size: int = 64
+    """Texts per encoding batch, >= 1."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 EvalSetConfig = RetrievalEvalConfig | STSEvalConfig
@@ -277,13 +320,19 @@ class EvaluationConfig:
     sets: list[EvalSetConfig] = field(default_factory=list)
     """Evaluation sets run at start, every `every_steps` and at the end."""
     every_steps: int | None = None
-    """Evaluate every N optimiser steps (null: only at start/end)."""
+    """Evaluate every N optimiser steps, N >= 1 (null: only at start/end)."""
     at_start: bool = True
     """Evaluate the model before training (cached per model and set)."""
     at_end: bool = True
+    """Evaluate the model after the last step."""
     metric_for_best: str | None = None
     """Metric that picks the best checkpoint, e.g. `scifact/ndcg@10`."""
     greater_is_better: bool = True
+    """Whether a higher metric_for_best is better."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise FieldError("every_steps", f"must be >= 1 or null (only at start/end), got {self.every_steps}")
 
 
 # ----------------------------------------------------------------------------- checkpoints, logs
@@ -294,34 +343,69 @@ class CheckpointConfig:
     output_dir: str = "checkpoints"
     """Runs write to <output_dir>/<run_name>/."""
     every_steps: int | None = None
-    """Save a resumable checkpoint every N optimiser steps (and always at the end)."""
+    """Save a resumable checkpoint every N optimiser steps, N >= 1 (and always at the end);
+    null: only at the end."""
     keep_last: int | None = 2
     """Keep only the newest N step_* folders; null keeps all."""
     save_best: bool = True
     """Keep a copy of the best model (by evaluation.metric_for_best) in <run>/best/."""
 
     def __post_init__(self) -> None:
+        if self.every_steps is not None and self.every_steps < 1:
+            raise FieldError("every_steps", f"must be >= 1 or null (only at the end), got {self.every_steps}")
         if self.keep_last is not None and self.keep_last < 1:
-            raise ValueError(f"keep_last must be >= 1 or null, got {self.keep_last}")
+            raise FieldError("keep_last", f"must be >= 1 or null, got {self.keep_last}")
 
 
 @dataclass
 class LoggingConfig:
     log_every_steps: int = 10
-    """Write loss and learning rate to metrics.jsonl (and trackers) every N steps."""
+    """Write loss and learning rate to metrics.jsonl (and trackers) every N steps, N >= 1."""
     report_to: list[Literal["tensorboard", "wandb"]] = field(default_factory=list)
     """Experiment trackers, through Accelerate."""
     project: str = "embtrain"
     """Project name for trackers."""
 
+    def __post_init__(self) -> None:
+        if self.log_every_steps < 1:
+            raise FieldError("log_every_steps", f"must be >= 1, got {self.log_every_steps}")
+
 
 # ----------------------------------------------------------------------------- recipe
+
+RUN_NAME_MAX_LENGTH = 100
+RUN_NAME_RULE = (
+    "use letters, digits, '.', '_' and '-', starting with a letter or digit, not ending in '.', "
+    f"at most {RUN_NAME_MAX_LENGTH} characters"
+)
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Names that Windows keeps for devices, with or without an extension.
+_RESERVED_NAMES = {"con", "prn", "aux", "nul"} | {f"{d}{i}" for d in ("com", "lpt") for i in range(1, 10)}
+
+
+def run_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a folder directly under the output folder, or None if it can."""
+    if name in ("", ".", ".."):
+        return "is not a folder name"
+    if "/" in name or "\\" in name:
+        return "contains a path separator (the run folder must be directly inside checkpointing.output_dir)"
+    if not _RUN_NAME.fullmatch(name):
+        bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "._-"))})
+        return f"contains {', '.join(map(repr, bad))}" if bad else "does not start with a letter or digit"
+    if name.endswith("."):
+        return "ends in '.'"
+    if len(name) > RUN_NAME_MAX_LENGTH:
+        return f"has {len(name)} characters"
+    if name.split(".")[0].lower() in _RESERVED_NAMES:
+        return "is a reserved device name on Windows"
+    return None
 
 
 @dataclass
 class Recipe:
     run_name: str
-    """Name of the run folder under checkpointing.output_dir."""
+    """Name of the run folder under checkpointing.output_dir: letters, digits, '.', '_' and '-',
+    starting with a letter or digit (no path separators)."""
     model: ModelConfig
     data: DataConfig
     seed: int = 42
@@ -336,18 +420,21 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        problem = run_name_problem(self.run_name)
+        if problem:
+            raise FieldError("run_name", f"{self.run_name!r} {problem}; {RUN_NAME_RULE}")
         if not self.loss:
-            raise ValueError("loss needs at least one term")
+            raise FieldError("loss", "needs at least one term")
         names = [s.name for s in self.evaluation.sets]
         if len(set(names)) != len(names):
-            raise ValueError(f"evaluation.sets names must be unique, got {names}")
+            raise FieldError("evaluation.sets", f"names must be unique, got {names}")
         best = self.evaluation.metric_for_best
         if best is not None:
             known = [f"{s.name}/{m}" for s in self.evaluation.sets for m in s.METRICS]
             if best not in known:
                 close = difflib.get_close_matches(best, known, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f"; one of {known}"
-                raise ValueError(f"evaluation.metric_for_best {best!r} is not a metric of evaluation.sets{hint}")
+                raise FieldError("evaluation.metric_for_best", f"{best!r} is not a metric of evaluation.sets{hint}")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

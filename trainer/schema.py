@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -18,6 +19,19 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 class RecipeError(ValueError):
     """A recipe could not be read: the message names the key and its source."""
+
+
+class FieldError(ValueError):
+    """Raised by a section's `__post_init__` for one of its fields.
+
+    `field` is the key relative to the section (`lr`, `betas.1`, `train.0.weight`); the
+    Builder prefixes the section's own key, so the message names e.g. `optimizer.lr`.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.message = message
 
 
 def _suggest(word: str, options: typing.Iterable[str]) -> str:
@@ -48,7 +62,7 @@ class Builder:
 
     def error(self, key: str, message: str) -> RecipeError:
         where = self.source
-        if key in self.overridden:
+        if any(key == o or key.startswith(f"{o}.") for o in self.overridden):
             where += " (command-line override)"
         return RecipeError(f"{where}: '{key}': {message}")
 
@@ -96,13 +110,23 @@ class Builder:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
         elif tp is float:
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
+                number = value
+            elif isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
+            if number is not None:
+                try:
+                    number = float(number)
+                except OverflowError:  # an integer too large for a float
+                    number = math.inf
+                if not math.isfinite(number):
+                    # NaN and infinity pass every `<=` check and train to NaN weights.
+                    raise self.error(key, f"must be a finite number, got {value!r}")
+                return number
         elif tp is str:
             if isinstance(value, str):
                 return value
@@ -142,6 +166,8 @@ class Builder:
                 raise self.error(f"{prefix}{name}", "required key is missing")
         try:
             return cls(**kwargs)
+        except FieldError as exc:
+            raise self.error(f"{prefix}{exc.field}", exc.message) from None
         except (ValueError, TypeError) as exc:
             raise self.error(key or "<top>", str(exc)) from None
 
