@@ -1,12 +1,17 @@
-"""Seeded batches in which no query, and no positive, appears twice.
+"""Seeded batches in which no query, and no positive, appears twice across all processes.
 
 A repeated positive in a batch would be scored both as the right answer for one query and
 as a negative for another; a repeated query would see its other positive as a negative.
 The sampler defers such examples to a later batch instead.
 
+With several processes, cross-device negatives score every query against the documents of all
+processes' batches of the same step, so the rule holds for that global batch: the sampler packs
+global batches of `num_replicas x batch_size` pairs and process `rank` takes the `rank`-th
+contiguous slice of `batch_size` pairs of each.
+
 With several training sources (`Example.source`), optional weights set how many pairs each
-source contributes per epoch, and batches are drawn from one source at a time (homogeneous)
-or from the pooled sources (mixed).
+source contributes per epoch, and global batches are drawn from one source at a time
+(homogeneous) or from the pooled sources (mixed).
 """
 
 from __future__ import annotations
@@ -21,10 +26,15 @@ from trainer.data.training_set import TextKeys
 
 
 class NoDuplicatesBatchSampler:
-    """Yields lists of example indices; the order depends only on (seed, epoch).
+    """Yields lists of example indices; the order depends only on (seed, epoch), the same in
+    every process.
 
     Works on `TextKeys` (hashes of each example's texts), never on the texts, and keeps an epoch's
-    order in flat integer arrays: about 16 bytes per pair in all, however large the data."""
+    order in flat integer arrays: about 16 bytes per pair in all, however large the data.
+
+    `accumulation_steps`: gradient accumulation steps per optimiser step. Each epoch keeps a
+    multiple of this many global batches (the trailing ones are dropped, like `drop_last`), so
+    that an accumulation window never runs across the end of an epoch."""
 
     def __init__(
         self,
@@ -36,13 +46,19 @@ class NoDuplicatesBatchSampler:
         rank: int = 0,
         weights: list[float] | None = None,
         homogeneous: bool = True,
+        accumulation_steps: int = 1,
     ) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        if accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be at least 1, not {accumulation_steps}")
         self.keys = keys
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
         self.num_replicas = num_replicas
         self.rank = rank
+        self.accumulation_steps = accumulation_steps
         self.epoch = 0
         self.start_batch = 0
         self._cache: tuple[int, np.ndarray, np.ndarray] | None = None
@@ -67,7 +83,7 @@ class NoDuplicatesBatchSampler:
         self.start_batch = start_batch
 
     def _epoch(self) -> tuple[np.ndarray, np.ndarray]:
-        """(flat example indices, start of each of this process's batches in it, plus the end)."""
+        """(flat example indices of all processes, (start, end) of each of this process's batches in it)."""
         if self._cache is not None and self._cache[0] == self.epoch:
             return self._cache[1], self._cache[2]
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -86,13 +102,13 @@ class NoDuplicatesBatchSampler:
                 order = rng.permutation(order)
             flat, bounds = self._pack(order)
             starts, lengths = bounds[:-1], np.diff(bounds)
-        if self.num_replicas > 1:  # processes gather each other's embeddings: equal batch sizes only
-            full = lengths == self.batch_size
-            starts, lengths = starts[full], lengths[full]
-        # every process gets the same number of batches: the global batches r, r+W, r+2W, ...
-        usable = len(starts) - len(starts) % self.num_replicas
-        mine = slice(self.rank, usable, self.num_replicas)
-        spans = np.stack([starts[mine], starts[mine] + lengths[mine]], axis=1)
+        # whole accumulation windows only
+        usable = len(starts) - len(starts) % self.accumulation_steps
+        starts, lengths = starts[:usable], lengths[:usable]
+        if self.num_replicas > 1:  # every global batch is full: this process's slice of it
+            starts = starts + self.rank * self.batch_size
+            lengths = np.full_like(lengths, self.batch_size)
+        spans = np.stack([starts, starts + lengths], axis=1)  # (batches, 2)
         self._cache = (self.epoch, flat, spans)
         return flat, spans
 
@@ -110,20 +126,26 @@ class NoDuplicatesBatchSampler:
         return np.concatenate(cycles)[:count]
 
     def _pack(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Greedy batches in `order`; a pair that would repeat a text waits for the next batch.
-        Returns the flat indices and the batch boundaries (len(batches) + 1)."""
+        """Greedy global batches in `order`; a pair that would repeat a text waits for the next batch.
+        Returns the flat indices and the batch boundaries (len(batches) + 1).
+
+        With one process a batch needs at least 2 pairs (in-batch negatives); with several, exactly
+        `num_replicas x batch_size`, since processes gather each other's equal-sized batches. What
+        is left over waits for the next epoch."""
         query, positive, negatives = self.keys.query, self.keys.positive, self.keys.negatives
+        size = self.batch_size * self.num_replicas
+        smallest = size if self.num_replicas > 1 else 2
         flat = array("q")  # 8 bytes per index, not a Python int object each
         bounds = array("q", [0])
         waiting: deque[int] = deque()
         position = 0
-        while waiting or position < len(order):
+        while len(waiting) + len(order) - position >= smallest:
             batch: list[int] = []
             queries: set[int] = set()
             positives: set[int] = set()
             documents: set[int] = set()
             skipped: deque[int] = deque()
-            while len(batch) < self.batch_size and (waiting or position < len(order)):
+            while len(batch) < size and (waiting or position < len(order)):
                 if waiting:
                     index = waiting.popleft()
                 else:
@@ -139,10 +161,9 @@ class NoDuplicatesBatchSampler:
                 documents.add(p)
                 documents.update(n)
             waiting = skipped + waiting
-            if len(batch) >= 2:
+            if len(batch) >= smallest:
                 flat.extend(batch)
                 bounds.append(len(flat))
-            # a lone leftover example has no in-batch negatives; it waits for the next epoch
         return np.frombuffer(flat, dtype=np.int64), np.frombuffer(bounds, dtype=np.int64)
 
     def __iter__(self) -> Iterator[list[int]]:
