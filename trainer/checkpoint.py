@@ -1,24 +1,53 @@
-"""Resumable checkpoints: `<run>/step_<N>/` holds the Accelerate state (model, optimiser,
-scheduler, RNG), the position in the data, and the model in Hugging Face format.
+"""Resumable checkpoints: `<run>/step_<N>/` holds the Accelerate state (model, optimiser, RNG),
+the position in the data and the schedule (JSON), and the model in Hugging Face format.
 
-A checkpoint is written to a temporary folder and renamed when complete, so a crash while
-saving never leaves a half-written `step_<N>` behind.
+Every save is atomic: it is written to `.tmp_step_<N>/`, every file is synced, and a `COMPLETE`
+marker is written last; only then is it renamed into place. Replacing an existing `step_<N>` (a
+re-save at the same step) first moves the old one aside to `.old_step_<N>/` and deletes it only
+once the new one is in place, so a kill at any moment leaves at least one complete copy, which
+`find_resume_point` finds and puts back.
+
+Nothing is unpickled: non-tensor state is JSON, and torch files are read with `weights_only=True`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accelerate import Accelerator
 
+from trainer.errors import RunError
 from trainer.model.encoder import Encoder
 
 STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
+COMPLETE_FILE = "COMPLETE"
+"""Written and synced after everything else; a folder without it is not a checkpoint."""
+_FOLDER = re.compile(r"^(step|\.tmp_step|\.old_step)_(\d+)$")
+_SAFE_PICKLES = re.compile(r"^random_states_\d+\.pkl$")
+"""Accelerate's RNG states: read with weights_only=True (numbers and arrays only)."""
+
+
+@dataclass
+class RunShape:
+    """What the position in the data depends on: a resume with other values would replay other pairs."""
+
+    world_size: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    data_fingerprint: str
+    """sha256 of the training set's text keys (`TextKeys.fingerprint`)."""
+
+    def differences(self, other: "RunShape") -> list[str]:
+        return [
+            f"{name}: {getattr(self, name)} in the checkpoint, {getattr(other, name)} now"
+            for name in ("world_size", "batch_size", "gradient_accumulation_steps", "data_fingerprint")
+            if getattr(self, name) != getattr(other, name)
+        ]
 
 
 @dataclass
@@ -31,6 +60,14 @@ class TrainState:
     """Batches of this process already consumed in the current epoch."""
     best_metric: float | None = None
     best_step: int | None = None
+    nonfinite_steps: int = 0
+    """Steps whose update was skipped because the loss or gradient was NaN or infinite."""
+    finished: bool = False
+    """The final evaluation ran and the final checkpoint holds its result."""
+    scheduler: dict = field(default_factory=dict)
+    """The learning-rate schedule's state (JSON, instead of a pickle)."""
+    shape: dict = field(default_factory=dict)
+    """`RunShape` as a mapping."""
 
 
 def model_dir(path: str | Path) -> Path:
@@ -39,14 +76,25 @@ def model_dir(path: str | Path) -> Path:
     return path / "model" if (path / STATE_FILE).exists() else path
 
 
-def step_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_FILE).is_file() and (folder / STATE_FILE).is_file()
+
+
+def _folders(run_dir: Path) -> list[tuple[int, str, Path]]:
+    """(step, prefix, path) of every checkpoint-like folder in the run, complete or not."""
+    if not run_dir.is_dir():
+        return []
     found = []
-    for path in run_dir.glob("step_*"):
-        match = _STEP_DIR.match(path.name)
-        if match and (path / STATE_FILE).exists():
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
+    for path in run_dir.iterdir():
+        match = _FOLDER.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(2)), match.group(1), path))
+    return sorted(found)
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete `step_N` checkpoints, oldest first."""
+    return [path for step, prefix, path in _folders(run_dir) if prefix == "step" and is_complete(path)]
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -54,10 +102,81 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def has_progress(run_dir: Path) -> bool:
+    """Any complete checkpoint, including one left aside by an interrupted save."""
+    return any(is_complete(path) for _, _, path in _folders(run_dir))
+
+
+def find_resume_point(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint, put back in place as `step_N` if an interrupted save left it
+    as `.tmp_step_N` or `.old_step_N`; and a line for each folder passed over. Main process only."""
+    notes: list[str] = []
+    best: tuple[int, int, Path] | None = None
+    rank = {"step": 2, ".tmp_step": 1, ".old_step": 0}  # at the same step: in place, new, old
+    for step, prefix, path in _folders(run_dir):
+        if not is_complete(path):
+            notes.append(f"skipped {path.name}: incomplete (no {COMPLETE_FILE} marker; a save was interrupted)")
+            continue
+        if best is None or (step, rank[prefix]) > best[:2]:
+            best = (step, rank[prefix], path)
+    if best is None:
+        return None, notes
+    step, _, path = best
+    final = run_dir / f"step_{step}"
+    if path != final:
+        if final.exists():
+            _aside(final)
+        path.rename(final)
+        _sync_dir(run_dir)
+        notes.append(f"recovered {final.name} from {path.name}, left complete by an interrupted save")
+    return final, notes
+
+
+def _sync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    for path in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
+        _sync_dir(path)
+
+
+def _sync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _aside(final: Path) -> None:
+    """Move a checkpoint out of the way (kept until its replacement is in place)."""
+    old = final.with_name(f".old_{final.name}")
+    if old.exists():
+        shutil.rmtree(old)  # a leftover of an earlier interrupted replacement: `final` is newer
+    final.rename(old)
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Put a complete `tmp` in place of `final`, never deleting `final` first."""
+    old = final.with_name(f".old_{final.name}")
     if final.exists():
-        shutil.rmtree(final)
+        _aside(final)
     tmp.rename(final)
+    _sync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _finish(tmp: Path, final: Path, step: int) -> None:
+    _sync_tree(tmp)
+    marker = tmp / COMPLETE_FILE
+    with marker.open("w") as handle:
+        handle.write(json.dumps({"step": step}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    _sync_dir(tmp)
+    _install(tmp, final)
 
 
 def save_checkpoint(
@@ -73,7 +192,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         accelerator.unwrap_model(encoder).save_pretrained(tmp / "model", state_dict=full_state)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
-        _replace_dir(tmp, final)
+        _finish(tmp, final, state.step)
         if keep_last is not None:
             for old in step_checkpoints(run_dir)[:-keep_last]:
                 shutil.rmtree(old)
@@ -81,9 +200,29 @@ def save_checkpoint(
     return final
 
 
+def read_state(folder: Path) -> TrainState:
+    try:
+        data = json.loads((folder / STATE_FILE).read_text())
+        return TrainState(**data)
+    except (OSError, ValueError, TypeError) as exc:
+        raise RunError(f"{folder / STATE_FILE}: cannot read the training state: {exc}") from None
+
+
 def load_checkpoint(accelerator: Accelerator, folder: Path) -> TrainState:
-    accelerator.load_state(str(folder / "accelerate"))
-    return TrainState(**json.loads((folder / STATE_FILE).read_text()))
+    """Model, optimiser and RNG states from `folder`; refuses pickles other than the RNG states."""
+    state = read_state(folder)
+    accelerate_dir = folder / "accelerate"
+    unexpected = [p.name for p in accelerate_dir.glob("*.pkl") if not _SAFE_PICKLES.match(p.name)]
+    if unexpected:
+        raise RunError(
+            f"{accelerate_dir}: unexpected pickle file(s) {sorted(unexpected)}; embtrain never writes them "
+            "and will not load them (they can run code). Remove them if you trust their origin."
+        )
+    try:
+        accelerator.load_state(str(accelerate_dir), load_kwargs={"weights_only": True})
+    except Exception as exc:  # torch and safetensors raise many kinds for a damaged file
+        raise RunError(f"{accelerate_dir}: cannot load the checkpoint: {type(exc).__name__}: {exc}") from None
+    return state
 
 
 def save_best(
@@ -95,4 +234,5 @@ def save_best(
         shutil.rmtree(tmp)
     encoder.save_pretrained(tmp, state_dict=full_state)
     (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-    _replace_dir(tmp, run_dir / "best")
+    _sync_tree(tmp)
+    _install(tmp, run_dir / "best")

@@ -10,7 +10,14 @@ PREEMPTED_EXIT_CODE = 75
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGUSR1 stopped the run after it saved a checkpoint."""
+    """SIGTERM or SIGUSR1 stopped the run; whatever there was to keep is in a checkpoint."""
 
-    def __init__(self, signal_name: str, step: int, checkpoint: str) -> None:
-        super().__init__(f"stopped by {signal_name} at step {step} after saving {checkpoint}; continue with --resume")
+    def __init__(self, signal_name: str, step: int, checkpoint: str | None) -> None:
+        if checkpoint is None:
+            message = (
+                f"stopped by {signal_name} before the first step; nothing to save; "
+                "run the same command again (with --resume, as a resubmitted job does)"
+            )
+        else:
+            message = f"stopped by {signal_name} at step {step} after saving {checkpoint}; continue with --resume"
+        super().__init__(message)

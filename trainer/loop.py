@@ -20,7 +20,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from trainer.checkpoint import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    RunShape,
+    TrainState,
+    find_resume_point,
+    latest_checkpoint,
+    load_checkpoint,
+    read_state,
+    save_checkpoint,
+)
 from trainer.config import OptimizerConfig, Recipe, ScheduleConfig
 from trainer.data.collate import Collator
 from trainer.data.readers import read_training_data
@@ -30,7 +38,14 @@ from trainer.evaluation.runner import EvalRunner
 from trainer.losses import WeightedLoss, build_loss
 from trainer.model.encoder import Encoder
 from trainer.preemption import PreemptionWatch
-from trainer.run_dir import check_run_dir, create_run_dir
+from trainer.run_dir import (
+    METRICS_FILE,
+    check_run_dir,
+    create_run_dir,
+    record_changes,
+    truncate_metrics,
+)
+from trainer.run_dir import flat_config as flat_recipe
 from trainer.step import cached_step, plain_step
 
 
@@ -41,7 +56,8 @@ def build_optimizer(encoder: Encoder, config: OptimizerConfig) -> torch.optim.Op
             continue
         (no_decay if param.ndim < 2 else decay).append(param)  # biases and norms: no decay
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps)
+    # fused: one kernel per step, and it skips a step flagged non-finite on the device (NonFiniteGuard)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=True)
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, config: ScheduleConfig, total_steps: int):
@@ -65,23 +81,76 @@ class MetricsLog:
         self.accelerator.log(values, step=step)
 
 
-def flat_config(tree: dict, prefix: str = "") -> dict[str, str | int | float | bool]:
+def flat_config(tree: dict) -> dict[str, str | int | float | bool]:
     """Nested recipe to dotted scalar keys, the form trackers accept as hyper-parameters."""
-    flat: dict[str, str | int | float | bool] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_config(value, f"{name}."))
-        elif isinstance(value, list):
-            for i, item in enumerate(value):
-                flat.update(flat_config(item, f"{name}.{i}.") if isinstance(item, dict) else {f"{name}.{i}": item})
-        else:
-            flat[name] = "null" if value is None else value
-    return flat
+    return {k: "null" if v is None else ("[]" if v == [] else v) for k, v in flat_recipe(tree).items()}
+
+
+class NonFiniteGuard:
+    """Skips the update of a step whose gradient norm is NaN or infinite, without a host sync:
+    the fused AdamW kernel reads the flag on the device and leaves weights and moments alone.
+    The flags are read once per logging interval (a sync that happens there anyway), counted, and
+    turned into a stop after `max_consecutive` in a row (`skip`) or the first (`stop`)."""
+
+    def __init__(self, mode: str, max_consecutive: int, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+        self.mode = mode
+        self.max_consecutive = 1 if mode == "stop" else max_consecutive
+        self.inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+        self.can_skip = bool(self.inner.defaults.get("fused"))
+        self.state = state
+        self.consecutive = 0
+        self.pending: list[tuple[torch.Tensor, int, int, int]] = []  # (flag, step, epoch, batch)
+
+    def before_step(self, grad_norm: torch.Tensor | None, step: int, epoch: int, batch: int) -> None:
+        if grad_norm is None:  # DeepSpeed clips and checks inside its engine
+            return
+        flag = (~torch.isfinite(grad_norm)).float().reshape(())
+        if self.can_skip:
+            self.inner.found_inf = flag
+        self.pending.append((flag, step, epoch, batch))
+
+    def settle(self) -> list[tuple[int, int, int]]:
+        """Counts the pending flags (one host sync); the (step, epoch, batch) of the last non-finite
+        run when it reached the limit, else []."""
+        if not self.pending:
+            return []
+        flags = torch.stack([f for f, *_ in self.pending]).tolist()
+        run: list[tuple[int, int, int]] = []
+        for bad, (_, step, epoch, batch) in zip(flags, self.pending):
+            if bad:
+                self.state.nonfinite_steps += 1
+                self.consecutive += 1
+                run.append((step, epoch, batch))
+                if self.consecutive >= self.max_consecutive:
+                    self.pending.clear()
+                    return run[-self.max_consecutive :]
+            else:
+                self.consecutive, run = 0, []
+        self.pending.clear()
+        return []
+
+
+def describe_rows(sampler: NoDuplicatesBatchSampler, examples, sources, epoch: int, batch: int, last: int) -> str:
+    """'source row, ...' of the batches `batch - last + 1 .. batch` (1-based in the epoch) of this process."""
+    current = sampler.epoch, sampler.start_batch
+    sampler.set_epoch(epoch)
+    batches = sampler.batches()
+    sampler.set_epoch(*current)
+    names = []
+    for index in [i for b in batches[max(0, batch - last) : batch] for i in b]:
+        source = max(s for s, offset in enumerate(examples.offsets[:-1]) if offset <= index)
+        names.append(f"{sources[source].name or sources[source].path} row {index - examples.offsets[source] + 1}")
+    return ", ".join(names[:64]) + (f", ... ({len(names)} rows)" if len(names) > 64 else "")
 
 
 def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
-    """Train as the recipe says; returns the final evaluation metrics."""
+    """Train as the recipe says; returns the final evaluation metrics. A SIGTERM/SIGUSR1 at any
+    point saves what there is to keep and raises `Preempted`."""
+    with PreemptionWatch() as preemption:
+        return _train(recipe, resume, preemption)
+
+
+def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[str, float]:
     training = recipe.training
     accelerator = Accelerator(
         mixed_precision=training.mixed_precision,
@@ -91,11 +160,11 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
         step_scheduler_with_optimizer=False,
     )
     set_seed(recipe.seed)
-    run_dir = check_run_dir(recipe, resume)
+    folder = check_run_dir(recipe, resume)
+    run_dir = folder.path
 
     # ---------------------------------------------------------------- data and model
     examples = read_training_data(recipe.data.train, recipe.data.num_negatives)
-    create_run_dir(recipe, run_dir, accelerator)
     encoder = Encoder.from_config(recipe.model)
     sources = recipe.data.train
     sampler = NoDuplicatesBatchSampler(
@@ -107,7 +176,17 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
         rank=accelerator.process_index,
         weights=[s.weight for s in sources] if sources[0].weight is not None else None,
         homogeneous=recipe.data.batching == "homogeneous",
+        accumulation_steps=training.gradient_accumulation_steps,
     )
+    if len(sampler) == 0:
+        raise RunError(
+            f"{len(examples)} training pairs give no batch of {recipe.data.batch_size} distinct pairs for each of "
+            f"{accelerator.num_processes} process(es) x {training.gradient_accumulation_steps} accumulation steps; "
+            "add data or lower data.batch_size"
+        )
+    if preemption.should_stop(accelerator):
+        raise Preempted(preemption.name, 0, None)
+    create_run_dir(recipe, folder, accelerator)
     prompts = [
         (
             recipe.model.query_prompt if s.query_prompt is None else s.query_prompt,
@@ -125,12 +204,15 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
         num_workers=recipe.data.num_workers,
         generator=torch.Generator().manual_seed(recipe.seed),
     )
-    if len(sampler) == 0:
-        raise RunError(
-            f"{len(examples)} training pairs give no batch of at least 2 distinct pairs per process; add data"
-        )
-    steps_per_epoch = math.ceil(len(sampler) / training.gradient_accumulation_steps)
+    # the sampler trims each epoch to whole accumulation windows: no window spans two epochs
+    steps_per_epoch = len(sampler) // training.gradient_accumulation_steps
     total_steps = training.max_steps or training.epochs * steps_per_epoch
+    shape = RunShape(
+        world_size=accelerator.num_processes,
+        batch_size=recipe.data.batch_size,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        data_fingerprint=examples.keys.fingerprint(),
+    )
 
     # ---------------------------------------------------------------- optimisation
     loss_fn = build_loss(recipe.loss)
@@ -145,38 +227,76 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
         # batches come from our own sampler, so DeepSpeed cannot infer the micro-batch size
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)
-    metrics_log = MetricsLog(accelerator, run_dir / "metrics.jsonl")
+    metrics_log = MetricsLog(accelerator, run_dir / METRICS_FILE)
+
+    state = TrainState(shape=asdict(shape))
+    if folder.resume:
+        state = resume_from(accelerator, run_dir, shape)
+        scheduler.load_state_dict(state.scheduler)
+        if accelerator.is_main_process:
+            truncate_metrics(run_dir / METRICS_FILE, state.step)
+        record_changes(folder, state.step, accelerator)
+        if state.finished and state.step >= total_steps:
+            accelerator.print(
+                f"{run_dir} is already finished at step {state.step} of {total_steps}; nothing to do "
+                "(raise training.max_steps or training.epochs to train further)"
+            )
+            accelerator.end_training()
+            return {}
+        state.finished = False
     if recipe.logging.report_to:
         accelerator.init_trackers(recipe.logging.project, config=flat_config(asdict(recipe)))
 
-    state = TrainState()
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise RunError(f"--resume: no checkpoint in {run_dir}")
-        state = load_checkpoint(accelerator, checkpoint)
-        accelerator.print(f"resumed from {checkpoint} (step {state.step}, epoch {state.epoch})")
+    def save() -> Path:
+        state.scheduler = scheduler.state_dict()
+        return save_checkpoint(accelerator, encoder, state, run_dir, recipe.checkpointing.keep_last)
+
+    def stop(saved_at: int | None) -> Preempted:
+        """Saves unless this step is saved already (or nothing was trained); closes the run."""
+        checkpoint = None
+        if state.step > 0 or folder.resume:
+            checkpoint = run_dir / f"step_{state.step}" if saved_at == state.step else save()
+        progress.close()
+        accelerator.end_training()
+        return Preempted(preemption.name, state.step, None if checkpoint is None else str(checkpoint))
 
     accelerator.print(
         f"{len(examples)} training pairs, {steps_per_epoch} steps per epoch, {total_steps} steps, "
         f"batch {recipe.data.batch_size} x {accelerator.num_processes} process(es), run folder {run_dir}"
     )
+    progress = tqdm(
+        total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
+    )
+    saved_at = state.step if folder.resume else None
     if recipe.evaluation.at_start and state.step == 0 and recipe.evaluation.sets:
         metrics = evals.run(accelerator, encoder, cached=True)
         metrics_log.write(0, metrics)
+    if preemption.should_stop(accelerator):
+        raise stop(saved_at)
 
     # ---------------------------------------------------------------- train
     encoder.train()
     cross_device = training.cross_device_negatives and accelerator.num_processes > 1
-    progress = tqdm(
-        total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
-    )
     started, pairs_timed = time.perf_counter(), 0
-    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # mean loss per logging interval
+    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # means per logging interval
+    part_sums: dict[str, torch.Tensor] = {}
+    nonfinite = NonFiniteGuard(training.nonfinite, training.nonfinite_max_consecutive, optimizer, state)
+
+    def check_nonfinite() -> None:
+        run = nonfinite.settle()
+        if not run:
+            return
+        step, epoch, batch = run[-1]
+        rows = describe_rows(sampler, examples, sources, epoch, batch, len(run) * training.gradient_accumulation_steps)
+        what = "a NaN or infinite" if len(run) == 1 else f"{len(run)} steps in a row with a NaN or infinite"
+        raise RunError(
+            f"{what} loss or gradient at step {step} (epoch {epoch}); those updates were skipped and the "
+            f"weights are unchanged. Training rows of those batches on this process: {rows}. Check the data, "
+            f"the learning rate and the temperature (training.nonfinite: {training.nonfinite})"
+        )
+
     metrics: dict[str, float] = {}
-    preemption = PreemptionWatch()
     while state.step < total_steps:
         sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
         for batch in loader:
@@ -189,13 +309,17 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
                         encoder, loss_fn, batch, accelerator.backward, cross_device,
                         training.grad_cache_chunk_size, lambda: accelerator.no_sync(encoder),
                     )
-                if accelerator.sync_gradients and training.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(encoder.parameters(), training.max_grad_norm)
+                if accelerator.sync_gradients:
+                    max_norm = math.inf if training.max_grad_norm is None else training.max_grad_norm
+                    grad_norm = accelerator.clip_grad_norm_(encoder.parameters(), max_norm)
+                    nonfinite.before_step(grad_norm, state.step + 1, state.epoch, state.batch_in_epoch + 1)
                 optimizer.step()
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
             pairs_timed += batch.size * accelerator.num_processes
             loss_sum += loss.detach()
+            for name, value in parts.items():
+                part_sums[name] = part_sums.get(name, 0) + value.detach()
             loss_count += 1
             if not accelerator.sync_gradients:
                 continue
@@ -205,11 +329,14 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
 
             if state.step % recipe.logging.log_every_steps == 0:
                 # one host sync per logging interval, not per step
+                check_nonfinite()
                 pairs_per_s = pairs_timed / (time.perf_counter() - started)
                 logged = {"loss": (loss_sum / loss_count).item(), "lr": scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s}
-                if len(parts) > 1:
-                    logged.update({f"loss/{k}": v.item() for k, v in parts.items()})
-                loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+                if len(part_sums) > 1:
+                    logged.update({f"loss/{k}": (v / loss_count).item() for k, v in part_sums.items()})
+                if state.nonfinite_steps:
+                    logged["nonfinite_steps"] = state.nonfinite_steps
+                loss_sum, loss_count, part_sums = torch.zeros((), device=accelerator.device), 0, {}
                 metrics_log.write(state.step, logged)
                 progress.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}", pairs_s=f"{pairs_per_s:.1f}")
             done = state.step >= total_steps
@@ -221,30 +348,60 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
                 started, pairs_timed = time.perf_counter(), 0  # throughput counts training only
             every = recipe.checkpointing.every_steps
             if every and state.step % every == 0 and not done:
-                save_checkpoint(accelerator, encoder, state, run_dir, recipe.checkpointing.keep_last)
+                check_nonfinite()
+                save()
+                saved_at = state.step
                 started, pairs_timed = time.perf_counter(), 0
             if done:
                 break
             if preemption.should_stop(accelerator):
-                saved = save_checkpoint(accelerator, encoder, state, run_dir, recipe.checkpointing.keep_last)
-                progress.close()
-                preemption.close()
-                accelerator.end_training()
-                raise Preempted(preemption.received or "a signal on another process", state.step, str(saved))
+                check_nonfinite()
+                raise stop(saved_at)
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
     progress.close()
-    preemption.close()
+    check_nonfinite()
 
     # ---------------------------------------------------------------- finish
     if recipe.evaluation.at_end and recipe.evaluation.sets:
         metrics = evals.run(accelerator, encoder)
         metrics_log.write(state.step, metrics)
         evals.update_best(accelerator, encoder, metrics, state)
-    final = save_checkpoint(accelerator, encoder, state, run_dir, recipe.checkpointing.keep_last)
+    state.finished = True
+    final = save()
+    if preemption.should_stop(accelerator):
+        accelerator.end_training()
+        raise Preempted(preemption.name, state.step, str(final))
     accelerator.print(f"saved {final}")
+    if state.nonfinite_steps:
+        accelerator.print(f"warning: {state.nonfinite_steps} step(s) skipped for a NaN or infinite loss or gradient")
     if state.best_step is not None:
         accelerator.print(f"best {recipe.evaluation.metric_for_best} {state.best_metric:.4f} at step {state.best_step}")
     accelerator.end_training()
     return metrics
+
+
+def resume_from(accelerator: Accelerator, run_dir: Path, shape: RunShape) -> TrainState:
+    """Loads the newest complete checkpoint (recovering one an interrupted save left aside) and
+    refuses it when the run's shape (processes, batch, data) changed."""
+    if accelerator.is_main_process:
+        checkpoint, notes = find_resume_point(run_dir)
+        for note in notes:
+            print(f"--resume: {note}")
+    accelerator.wait_for_everyone()
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:  # pragma: no cover - check_run_dir found one
+        raise RunError(f"--resume: no complete checkpoint in {run_dir}")
+    saved = read_state(checkpoint)
+    if saved.shape:
+        differences = RunShape(**saved.shape).differences(shape)
+        if differences:
+            raise RunError(
+                f"--resume: {checkpoint} was trained with other settings, so the position in the data would "
+                "point at other pairs: " + "; ".join(differences) + ". Resume with the same number of processes "
+                "and the same data, or start a new run (run_name=NEW_NAME)"
+            )
+    state = load_checkpoint(accelerator, checkpoint)
+    accelerator.print(f"resumed from {checkpoint} (step {state.step}, epoch {state.epoch})")
+    return state
