@@ -130,8 +130,8 @@ class NoDuplicatesBatchSampler:
         Returns the flat indices and the batch boundaries (len(batches) + 1).
 
         With one process a batch needs at least 2 pairs (in-batch negatives); with several, exactly
-        `num_replicas x batch_size`, since processes gather each other's equal-sized batches. What
-        is left over waits for the next epoch."""
+        `num_replicas x batch_size`, since processes gather each other's equal-sized batches. Pairs
+        left over at the end are left out of this epoch (the next one reshuffles them)."""
         query, positive, negatives = self.keys.query, self.keys.positive, self.keys.negatives
         size = self.batch_size * self.num_replicas
         smallest = size if self.num_replicas > 1 else 2
