@@ -219,6 +219,11 @@ def load_checkpoint(accelerator: Accelerator, folder: Path) -> TrainState:
             "and will not load them (they can run code). Remove them if you trust their origin."
         )
     try:
+        # Accelerate passes over RNG states it cannot read; a resume without them is not exact
+        from accelerate.utils import load as weights_only_load
+
+        for rng_file in accelerate_dir.glob("random_states_*.pkl"):
+            weights_only_load(rng_file, weights_only=True)
         accelerator.load_state(str(accelerate_dir), load_kwargs={"weights_only": True})
     except Exception as exc:  # torch and safetensors raise many kinds for a damaged file
         raise RunError(f"{accelerate_dir}: cannot load the checkpoint: {type(exc).__name__}: {exc}") from None

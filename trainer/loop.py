@@ -98,7 +98,7 @@ class NonFiniteGuard:
         self.inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
         self.can_skip = bool(self.inner.defaults.get("fused"))
         self.state = state
-        self.consecutive = 0
+        self.run: list[tuple[int, int, int]] = []  # (step, epoch, batch) of the current non-finite run
         self.pending: list[tuple[torch.Tensor, int, int, int]] = []  # (flag, step, epoch, batch)
 
     def before_step(self, grad_norm: torch.Tensor | None, step: int, epoch: int, batch: int) -> None:
@@ -115,18 +115,15 @@ class NonFiniteGuard:
         if not self.pending:
             return []
         flags = torch.stack([f for f, *_ in self.pending]).tolist()
-        run: list[tuple[int, int, int]] = []
-        for bad, (_, step, epoch, batch) in zip(flags, self.pending):
-            if bad:
-                self.state.nonfinite_steps += 1
-                self.consecutive += 1
-                run.append((step, epoch, batch))
-                if self.consecutive >= self.max_consecutive:
-                    self.pending.clear()
-                    return run[-self.max_consecutive :]
-            else:
-                self.consecutive, run = 0, []
-        self.pending.clear()
+        pending, self.pending = self.pending, []
+        for bad, (_, step, epoch, batch) in zip(flags, pending):
+            if not bad:
+                self.run = []
+                continue
+            self.state.nonfinite_steps += 1
+            self.run.append((step, epoch, batch))
+            if len(self.run) >= self.max_consecutive:
+                return self.run
         return []
 
 
