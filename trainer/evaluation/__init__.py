@@ -7,9 +7,10 @@ from typing import Callable
 from trainer.config import EvalSetConfig, RetrievalEvalConfig, STSEvalConfig
 from trainer.evaluation.retrieval import RetrievalEvaluator
 from trainer.evaluation.sts import STSEvaluator
-from trainer.model.encoder import Encoder
+from trainer.evaluation.sharded import TextEncoder
 
-Evaluator = Callable[[Encoder], dict[str, float]]
+Evaluator = Callable[[TextEncoder], dict[str, float]]
+"""Called with an `Encoder`, or a `ShardedEncoder` on every process during training."""
 
 
 def build_evaluator(config: EvalSetConfig) -> Evaluator:
@@ -20,7 +21,7 @@ def build_evaluator(config: EvalSetConfig) -> Evaluator:
     raise TypeError(f"no evaluator for {config!r}")  # pragma: no cover
 
 
-def evaluate(evaluators: dict[str, Evaluator], encoder: Encoder) -> dict[str, float]:
+def evaluate(evaluators: dict[str, Evaluator], encoder: TextEncoder) -> dict[str, float]:
     """Run every set; returns e.g. {'scifact/ndcg@10': 0.64, 'stsb/spearman': 0.82}."""
     metrics = {}
     for name, evaluator in evaluators.items():

@@ -7,7 +7,7 @@ import torch
 from trainer.config import RetrievalEvalConfig
 from trainer.data.beir import BeirSet, read_beir
 from trainer.evaluation.metrics import retrieval_metrics
-from trainer.model.encoder import Encoder
+from trainer.evaluation.sharded import TextEncoder
 
 
 def exact_search(
@@ -36,7 +36,7 @@ class RetrievalEvaluator:
         self.query_ids = query_ids
         self.doc_ids = list(self.data.corpus)
 
-    def __call__(self, encoder: Encoder) -> dict[str, float]:
+    def __call__(self, encoder: TextEncoder) -> dict[str, float]:
         name = self.config.name
         docs = encoder.encode(
             [self.data.corpus[d] for d in self.doc_ids],

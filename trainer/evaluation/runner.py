@@ -4,7 +4,9 @@ best model by the chosen metric."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
@@ -14,11 +16,20 @@ from trainer.config import EvaluationConfig, Recipe
 from trainer.errors import RunError
 from trainer.evaluation import Evaluator, build_evaluator
 from trainer.evaluation.cache import EvalCache, cache_key
-from trainer.model.encoder import Encoder
+from trainer.evaluation.sharded import ShardedEncoder, forward_module
+
+T = TypeVar("T")
+
+
+def _from_main(accelerator: Accelerator, value: T) -> T:
+    """The main process's `value` on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]
 
 
 class EvalRunner:
-    """Evaluates on the main process; keeps the best model by the chosen metric."""
+    """Evaluates on every process; keeps the best model by the chosen metric."""
 
     def __init__(self, config: EvaluationConfig, recipe: Recipe, run_dir: Path, save_best_model: bool) -> None:
         self.config = config
@@ -28,24 +39,32 @@ class EvalRunner:
         self.evaluators: dict[str, Evaluator] = {s.name: build_evaluator(s) for s in config.sets}
         self.cache = EvalCache(Path(recipe.checkpointing.output_dir) / ".eval_cache")
 
-    def run(self, accelerator: Accelerator, encoder: Encoder, *, cached: bool = False) -> dict[str, float]:
+    def run(self, accelerator: Accelerator, encoder: torch.nn.Module, *, cached: bool = False) -> dict[str, float]:
+        """Every set's metrics, the same on every process; all processes must call it.
+
+        `encoder` is the prepared model. Each process embeds a share of the texts (so that sharded
+        parameters take part in every forward pass) and scores the gathered embeddings; the main
+        process's numbers are then sent to all. With `cached`, the main process looks the values
+        up and tells the others, so that all skip, or all run, each set."""
+        text_encoder = ShardedEncoder(accelerator, accelerator.unwrap_model(encoder), forward_module(encoder))
         metrics: dict[str, float] = {}
-        if accelerator.is_main_process and self.evaluators:
-            model = accelerator.unwrap_model(encoder)
-            for eval_set in self.config.sets:
-                key = cache_key(self.recipe.model, eval_set) if cached else None
+        for eval_set in self.config.sets:
+            key, values = None, None
+            if cached and accelerator.is_main_process:
+                key = cache_key(self.recipe.model, eval_set)
                 values = self.cache.get(key)
-                if values is None:
-                    values = self.evaluators[eval_set.name](model)
+            values = _from_main(accelerator, values)
+            if values is None:
+                values = _from_main(accelerator, self.evaluators[eval_set.name](text_encoder))
+                if accelerator.is_main_process:
                     self.cache.put(key, values)
-                metrics.update({f"{eval_set.name}/{k}": v for k, v in values.items()})
+            metrics.update({f"{eval_set.name}/{k}": v for k, v in values.items()})
+        if accelerator.is_main_process and metrics:
             shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
             tqdm.write(f"eval: {shown}")
-        if accelerator.num_processes > 1:  # every process needs the numbers to agree on the best step
-            metrics = broadcast_object_list([metrics])[0]
         return metrics
 
-    def update_best(self, accelerator: Accelerator, encoder: Encoder, metrics: dict[str, float], state: TrainState):
+    def update_best(self, accelerator: Accelerator, encoder: torch.nn.Module, metrics: dict[str, float], state: TrainState):
         name = self.config.metric_for_best
         if name is None:
             return

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from trainer.config import STSEvalConfig
 from trainer.data.errors import DataError
-from trainer.model.encoder import Encoder
+from trainer.evaluation.sharded import TextEncoder
 
 
 def read_sts(config: STSEvalConfig) -> tuple[list[str], list[str], list[float]]:
@@ -56,7 +56,7 @@ class STSEvaluator:
         self.config = config
         self.sentences1, self.sentences2, self.scores = read_sts(config)
 
-    def __call__(self, encoder: Encoder) -> dict[str, float]:
+    def __call__(self, encoder: TextEncoder) -> dict[str, float]:
         # STS pairs are symmetric: both sides are encoded as queries (with the query prompt)
         e1 = encoder.encode(self.sentences1, is_query=True, batch_size=self.config.batch_size)
         e2 = encoder.encode(self.sentences2, is_query=True, batch_size=self.config.batch_size)

@@ -146,11 +146,19 @@ class Encoder(torch.nn.Module):
 
     @torch.no_grad()
     def encode(
-        self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None
+        self,
+        texts: list[str],
+        *,
+        is_query: bool,
+        batch_size: int = 64,
+        progress: str | None = None,
+        module: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """Embeddings (N, H) in float32 on the CPU, with the query or document prompt added.
 
-        Texts are sorted by length so that batches carry little padding."""
+        Texts are sorted by length so that batches carry little padding. `module` is called
+        instead of this encoder when given: FSDP1's wrapper, whose forward gathers the sharded
+        parameters."""
         prompt = self.config.query_prompt if is_query else self.config.document_prompt
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         device = next(self.parameters()).device
@@ -162,7 +170,7 @@ class Encoder(torch.nn.Module):
             index = order[start : start + batch_size]
             features = self.tokenize([prompt + texts[i] for i in index])
             features = {k: v.to(device) for k, v in features.items()}
-            out[index] = self(features).float().cpu()
+            out[index] = (self if module is None else module)(features).float().cpu()
         self.train(was_training)
         return out
 
