@@ -1,26 +1,27 @@
 """Cache of evaluation results for unchanged models (the base model before training).
 
-The key covers the weight files' content, the encoder settings and the evaluation set's
-settings, so any change to either gives a fresh evaluation.
+The key covers the weight files' content, the encoder settings, the evaluation set's settings
+and the content of the evaluation files, so a change to any of them gives a fresh evaluation.
+Entries are written atomically; one that cannot be read counts as missing and is rewritten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from trainer.config import EvalSetConfig, ModelConfig
+from trainer.config import EvalSetConfig, ModelConfig, RetrievalEvalConfig
 from trainer.model.encoder import resolve_model_path
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
-def _weights_digest(folder: Path) -> str | None:
-    files = sorted(p for p in folder.glob("*") if p.suffix in {".safetensors", ".bin"})
-    if not files:
-        return None
+def _files_digest(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode())
@@ -28,6 +29,19 @@ def _weights_digest(folder: Path) -> str | None:
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def _weights_digest(folder: Path) -> str | None:
+    files = sorted(p for p in folder.glob("*") if p.suffix in {".safetensors", ".bin"})
+    return _files_digest(files) if files else None
+
+
+def eval_files(eval_set: EvalSetConfig) -> list[Path]:
+    """The files an evaluation set reads."""
+    if isinstance(eval_set, RetrievalEvalConfig):
+        folder = Path(eval_set.path)
+        return [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{eval_set.split}.tsv"]
+    return [Path(eval_set.path)]
 
 
 def cache_key(model: ModelConfig, eval_set: EvalSetConfig) -> str | None:
@@ -38,15 +52,21 @@ def cache_key(model: ModelConfig, eval_set: EvalSetConfig) -> str | None:
     weights = _weights_digest(folder)
     if weights is None:
         return None
-    # only what changes the embeddings
+    # only what changes the numbers: the files' content stands for their path, names are prefixes
     settings = {k: getattr(model, k) for k in ("pooling", "normalize", "max_seq_length", "query_prompt", "document_prompt")}
-    eval_settings = asdict(eval_set)
-    eval_settings["path"] = str(Path(eval_set.path).resolve())
-    blob = json.dumps([CACHE_VERSION, weights, settings, eval_settings], sort_keys=True)
+    eval_settings = {k: v for k, v in asdict(eval_set).items() if k not in ("name", "path")}
+    data = _files_digest(eval_files(eval_set))
+    blob = json.dumps([CACHE_VERSION, weights, settings, eval_settings, data], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 class EvalCache:
+    """One JSON file of metrics per key in `folder`."""
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
 
@@ -54,10 +74,38 @@ class EvalCache:
         if key is None:
             return None
         path = self.folder / f"{key}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:  # ValueError covers bad JSON and bad UTF-8
+            _warn(f"evaluation cache {path} unreadable ({exc}); evaluating again")
+            return None
+        if not (isinstance(values, dict) and all(isinstance(v, (int, float)) for v in values.values())):
+            _warn(f"evaluation cache {path} does not hold metrics; evaluating again")
+            return None
+        return values
 
     def put(self, key: str | None, metrics: dict[str, float]) -> None:
         if key is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / f"{key}.json").write_text(json.dumps(metrics))
+        try:
+            _write_atomically(self.folder / f"{key}.json", json.dumps(metrics))
+        except OSError as exc:  # the cache only saves time: a failed write must not stop a run
+            _warn(f"evaluation cache not written to {self.folder}: {exc}")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write a temporary file next to `path` and rename it, so that a reader never sees half a file.
+    The temporary name is unique: runs that share the cache folder may write the same entry."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

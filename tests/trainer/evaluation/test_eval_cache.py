@@ -1,0 +1,100 @@
+"""The evaluation cache: keyed by the evaluation files' content, written atomically, and a
+corrupt entry is evaluated again and rewritten."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from test_eval_distributed import count_forwards, load_encoder, make_recipe, words_model, write_sts  # noqa: F401
+from trainer.evaluation.cache import EvalCache
+from trainer.evaluation.runner import EvalRunner
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+class Setup:
+    """A recipe with a retrieval and an STS set, and an encoder that counts its forward passes."""
+
+    def __init__(self, folder: Path, model: Path, beir: Path) -> None:
+        from accelerate import Accelerator
+
+        self.recipe = make_recipe(folder, model, beir, write_sts(folder))
+        self.encoder = load_encoder(model)
+        self.forwards = count_forwards(self.encoder)
+        self.accelerator = Accelerator(cpu=True)
+        self.cache_dir = Path(self.recipe.checkpointing.output_dir) / ".eval_cache"
+
+    def run(self, cached: bool = True) -> tuple[dict[str, float], int]:
+        """Metrics and the forward passes they took; a fresh runner reads the data again."""
+        before = self.forwards[0]
+        runner = EvalRunner(self.recipe.evaluation, self.recipe, self.cache_dir.parent / "run", save_best_model=False)
+        return runner.run(self.accelerator, self.encoder, cached=cached), self.forwards[0] - before
+
+
+def test_a_hit_skips_evaluation(words_model, tiny_beir, tmp_path):
+    setup = Setup(tmp_path, words_model, tiny_beir)
+    first, forwards = setup.run()
+    assert forwards > 0 and len(list(setup.cache_dir.glob("*.json"))) == 2  # one entry per set
+    again, forwards = setup.run()
+    assert again == first and forwards == 0
+
+
+def test_a_corrupt_entry_is_evaluated_again_and_rewritten(words_model, tiny_beir, tmp_path, capsys):
+    setup = Setup(tmp_path, words_model, tiny_beir)
+    first, _ = setup.run()
+    entries = sorted(setup.cache_dir.glob("*.json"))
+    entries[0].write_text('{"ndcg@10": 0.6')  # a write cut short
+    entries[1].write_bytes(b"\xff\xfe")  # not even text
+    capsys.readouterr()
+    again, forwards = setup.run()
+    assert again == first and forwards > 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: evaluation cache")]
+    assert len(warnings) == 2
+    assert all(isinstance(json.loads(p.read_text()), dict) for p in entries)  # rewritten
+    _, forwards = setup.run()
+    assert forwards == 0
+
+
+def test_an_edited_qrels_file_at_the_same_path_is_evaluated_again(words_model, tiny_beir, tmp_path):
+    setup = Setup(tmp_path, words_model, tiny_beir)
+    before, _ = setup.run()
+    qrels = tiny_beir / "qrels" / "test.tsv"
+    # each query's relevant document becomes one about another topic
+    qrels.write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{(i + 7) % 40}\t1\n" for i in range(12)))
+    after, forwards = setup.run()
+    fresh, _ = setup.run(cached=False)
+    assert forwards > 0
+    assert after == fresh
+    assert after["tiny/ndcg@10"] < before["tiny/ndcg@10"] - 0.1
+    assert after["sts/spearman"] == before["sts/spearman"]
+
+
+def test_a_failed_write_keeps_the_old_entry_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    cache = EvalCache(tmp_path / "cache")
+    cache.put("k", {"ndcg@10": 0.5})
+    assert cache.get("k") == {"ndcg@10": 0.5}
+
+    def fail(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    cache.put("k", {"ndcg@10": 0.7})
+    assert "warning: evaluation cache not written" in capsys.readouterr().err
+    assert cache.get("k") == {"ndcg@10": 0.5}
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["k.json"]
+
+
+def test_an_entry_that_is_not_metrics_is_a_miss(tmp_path, capsys):
+    cache = EvalCache(tmp_path)
+    (tmp_path / "k.json").write_text('["not", "metrics"]')
+    assert cache.get("k") is None
+    assert "does not hold metrics" in capsys.readouterr().err
+    assert cache.get("missing") is None and cache.get(None) is None
