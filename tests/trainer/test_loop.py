@@ -172,3 +172,15 @@ def test_two_weighted_sources_with_their_own_prompts_train(tmp_path, tiny_model,
     # 80 pairs per epoch: 60 from the first source (batches 7 x 8 + 4), 20 from the second
     # (its 16 pairs, cycled: 8 + 8 + 4), one source per batch
     assert len(rows) == 11 and all(0 < r["loss"] < 10 for r in rows)
+
+
+def test_accumulation_windows_never_span_two_epochs(tmp_path, tiny_model, pairs_file, tiny_beir, capsys):
+    # 64 pairs / batch 8 = 8 batches per epoch; windows of 3 use 6 of them: 2 steps per epoch
+    path = recipe_file(tmp_path, tiny_model, pairs_file, tiny_beir)
+    train(load_recipe(path, [
+        "training.max_steps=3", "training.gradient_accumulation_steps=3", "evaluation.sets=[]",
+        "evaluation.metric_for_best=null",
+    ]))
+    assert "2 steps per epoch" in capsys.readouterr().out
+    state = json.loads((tmp_path / "runs" / "tiny" / "step_3" / "trainer_state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (1, 3)  # step 3 is the first window of epoch 1
