@@ -78,3 +78,14 @@ def test_finish_replaces_an_existing_checkpoint_and_leaves_no_leftovers(tmp_path
 def test_other_folders_are_ignored(tmp_path, name):
     (tmp_path / name).mkdir()
     assert find_resume_point(tmp_path) == (None, [])
+
+
+def test_run_shape_names_every_difference():
+    from trainer.checkpoint import RunShape
+
+    saved = RunShape(world_size=2, batch_size=32, gradient_accumulation_steps=1, data_fingerprint="a" * 64)
+    assert saved.differences(RunShape(2, 32, 1, "a" * 64)) == []
+    assert saved.differences(RunShape(4, 32, 2, "a" * 64)) == [
+        "world_size: 2 in the checkpoint, 4 now",
+        "gradient_accumulation_steps: 1 in the checkpoint, 2 now",
+    ]
