@@ -24,7 +24,7 @@ from pathlib import Path
 from data_prep.dedup import Deduplicator
 from data_prep.leakage import beir_eval_queries, normalise, sts_eval_sentences
 from data_prep.lengths import LengthStats
-from data_prep.output import JsonlWriter, check_output, file_sha256, tool_main
+from data_prep.output import JsonlWriter, check_output, file_sha256, fraction, positive_int, tool_main
 from data_prep.rows import FORMATS, BadRow, Row, detect_format, read_rows
 from trainer.data.errors import DataError
 
@@ -136,30 +136,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bad rows: fail (write nothing, list them) or drop them (default: fail)")
     parser.add_argument("--dedup", choices=["near", "exact", "none"], default="near",
                         help="remove duplicate pairs (default: near, which includes exact)")
-    parser.add_argument("--near-threshold", type=float, default=0.75,
+    parser.add_argument("--near-threshold", type=fraction, default=0.75,
                         help="query similarity (character 4-gram Jaccard) for a near duplicate (default 0.75)")
     parser.add_argument("--eval-beir", action="append", default=[], help="BEIR folder whose queries must not leak")
     parser.add_argument("--eval-split", default="test", help="qrels split of --eval-beir (default: test)")
     parser.add_argument("--eval-sts", action="append", default=[], help="STS file whose sentences must not leak")
     parser.add_argument("--tokenizer", help="model whose tokenizer counts tokens (folder, checkpoint, Hub id, package:NAME)")
-    parser.add_argument("--max-seq-length", type=int, help="count texts longer than this (default: the model's)")
+    parser.add_argument("--max-seq-length", type=positive_int, help="count texts longer than this (default: the model's)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a tokenizer whose config names its own Python code run it (only for models you trust)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
-def _load_tokenizer(name: str, max_seq_length: int | None):
-    from transformers import AutoTokenizer
+def _load_tokenizer(name: str, max_seq_length: int | None, trust_remote_code: bool = False):
+    from trainer.model.encoder import ModelError, load_tokenizer, saved_model_config
 
-    from trainer.checkpoint import model_dir
-    from trainer.model.encoder import resolve_model_path, saved_model_config
-
-    path = resolve_model_path(str(model_dir(name)))
-    if max_seq_length is None:
-        saved = saved_model_config(path)
-        max_seq_length = saved.max_seq_length if saved else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        raise DataError(f"--tokenizer {name}: cannot load a tokenizer: {exc}") from None
+        if max_seq_length is None:
+            saved = saved_model_config(name)
+            max_seq_length = saved.max_seq_length if saved else None
+        tokenizer = load_tokenizer(name, trust_remote_code)
+    except ModelError as exc:
+        raise DataError(f"--tokenizer {name}: {exc}") from None
     if max_seq_length is None and tokenizer.model_max_length < 100_000:
         max_seq_length = tokenizer.model_max_length
     return tokenizer, max_seq_length
@@ -211,7 +209,9 @@ def run(args: argparse.Namespace) -> int:
         evaluation |= beir_eval_queries(folder, args.eval_split)
     for path in args.eval_sts:
         evaluation |= sts_eval_sentences(path)
-    tokenizer, max_seq_length = _load_tokenizer(args.tokenizer, args.max_seq_length) if args.tokenizer else (None, None)
+    tokenizer, max_seq_length = (
+        _load_tokenizer(args.tokenizer, args.max_seq_length, args.trust_remote_code) if args.tokenizer else (None, None)
+    )
     where = _parse_where(args.where)
     dedup = Deduplicator(args.dedup, args.near_threshold)
     lengths = LengthStats(tokenizer, max_seq_length)

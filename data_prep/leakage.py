@@ -45,7 +45,12 @@ def sts_eval_sentences(path: str) -> dict[str, str]:
     """The normalised sentences of an STS file, each with where it is."""
     from trainer.evaluation.sts import read_sts
 
-    first, second, _ = read_sts(STSEvalConfig(kind="sts", name="sts", path=path))
+    try:
+        first, second, _ = read_sts(STSEvalConfig(kind="sts", name="sts", path=path))
+    except DataError:
+        raise
+    except ValueError as exc:  # not UTF-8, or a score that is not a number
+        raise DataError(f"--eval-sts {path}: cannot read: {exc}") from None
     return {normalise(t): f"{path} pair {i % len(first) + 1}" for i, t in enumerate(first + second)}
 
 

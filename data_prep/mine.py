@@ -22,8 +22,8 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from data_prep.output import check_output, tool_main, write_jsonl
-from trainer.config import ModelConfig, PairsSource
+from data_prep.output import check_output, positive_int, tool_main, write_jsonl
+from trainer.config import PairsSource
 from trainer.data.beir import jsonl_rows, read_beir
 from trainer.data.errors import DataError
 from trainer.data.readers import read_examples
@@ -64,9 +64,13 @@ class MiningSettings:
 
     def __post_init__(self) -> None:
         if not 1 <= self.rank_min <= self.rank_max:
-            raise ValueError(f"ranks must satisfy 1 <= min <= max, got {self.rank_min} {self.rank_max}")
+            raise ValueError(f"--ranks MIN MAX must satisfy 1 <= MIN <= MAX, got {self.rank_min} {self.rank_max}")
         if self.num_negatives < 1:
-            raise ValueError("num_negatives must be >= 1")
+            raise ValueError(f"--num-negatives must be >= 1, got {self.num_negatives}")
+        if self.relative_margin is not None and not 0 <= self.relative_margin < 1:
+            raise ValueError(f"--relative-margin must be in [0, 1), got {self.relative_margin}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.sampling not in ("top", "random"):
             raise ValueError(f"sampling must be top or random, got {self.sampling!r}")
         if self.search not in ("exact", "faiss"):
@@ -211,28 +215,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--positive-column", default="positive")
     parser.add_argument("--corpus", help="with --pairs: extra documents, jsonl with 'text' (and 'title')")
     parser.add_argument("--model", required=True, help="model folder, checkpoint, Hub id or package:NAME")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a model whose config names its own Python code run it (only for models you trust)")
     parser.add_argument("--out", required=True, help="output jsonl")
-    parser.add_argument("--num-negatives", type=int, default=3)
-    parser.add_argument("--ranks", type=int, nargs=2, default=[1, 50], metavar=("MIN", "MAX"),
+    parser.add_argument("--num-negatives", type=positive_int, default=3)
+    parser.add_argument("--ranks", type=positive_int, nargs=2, default=[1, 50], metavar=("MIN", "MAX"),
                         help="sample from these ranks (1-based, after removing known positives)")
     parser.add_argument("--margin", type=float, help="keep candidates scoring below positive - MARGIN")
     parser.add_argument("--relative-margin", type=float, help="keep candidates below positive x (1 - R)")
     parser.add_argument("--sampling", choices=["top", "random"], default="top")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--search", choices=["exact", "faiss"], default="exact",
                         help="exact: chunked torch matrix products; faiss: flat FAISS index (pip install faiss-cpu)")
-    parser.add_argument("--max-seq-length", type=int, help="override the model's saved maximum length")
+    parser.add_argument("--max-seq-length", type=positive_int, help="override the model's saved maximum length")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        settings = MiningSettings(
+            num_negatives=args.num_negatives, rank_min=args.ranks[0], rank_max=args.ranks[1], margin=args.margin,
+            relative_margin=args.relative_margin, sampling=args.sampling, seed=args.seed, batch_size=args.batch_size,
+            search=args.search,
+        )
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     out = check_output(args.out, args.overwrite)
-    settings = MiningSettings(
-        num_negatives=args.num_negatives, rank_min=args.ranks[0], rank_max=args.ranks[1], margin=args.margin,
-        relative_margin=args.relative_margin, sampling=args.sampling, seed=args.seed, batch_size=args.batch_size,
-        search=args.search,
-    )
     if args.beir:
         task = task_from_beir(args.beir, args.split)
         source = {"beir": args.beir, "split": args.split}
@@ -241,16 +250,19 @@ def run(args: argparse.Namespace) -> int:
                             positive_column=args.positive_column)
         task = task_from_pairs(pairs, args.corpus)
         source = {"pairs": args.pairs, "corpus": args.corpus}
+    if not task.queries:
+        raise DataError(f"{args.beir or args.pairs}: no (query, positive) pairs to mine negatives for")
     import torch
 
-    from trainer.checkpoint import model_dir
-    from trainer.model.encoder import Encoder, saved_model_config
+    from trainer.model.encoder import Encoder, SequenceLengthError, embedding_config
 
-    model = str(model_dir(args.model))  # a checkpoint step_N folder holds its model in model/
-    config = saved_model_config(model) or ModelConfig(name_or_path=model)
+    config = embedding_config(args.model, args.trust_remote_code)
     if args.max_seq_length:
         config.max_seq_length = args.max_seq_length
-    encoder = Encoder.from_config(config)
+    try:
+        encoder = Encoder.from_config(config)
+    except SequenceLengthError as exc:
+        raise SequenceLengthError(f"--max-seq-length: {exc}" if args.max_seq_length else str(exc)) from None
     if torch.cuda.is_available():
         encoder.to("cuda")
     started = time.time()

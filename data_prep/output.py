@@ -8,17 +8,61 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from trainer.data.errors import DataError
+from trainer.errors import RunError
+from trainer.schema import RecipeError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (argparse names the flag in its message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, got {text}")
+    return value
+
+
+def unwritable_folder(path: Path) -> str | None:
+    """Why files cannot be created at `path` (its nearest existing folder is a file, or cannot be
+    written in); None when they can. Tries it, since permission bits do not bind every user."""
+    parent = next(p for p in [path, *path.parents] if p.exists() or p == p.parent)
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        return f"cannot write in {parent}: {exc.strerror}"
+    return None
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
-    """Refuse to replace an existing file unless asked, before any work is done."""
+    """Refuse to replace an existing file unless asked, or to write where no file can be created,
+    before any work is done."""
     out = Path(out)
+    if out.is_dir():
+        raise DataError(f"--out {out} is a folder; give the path of the file to write")
     if out.exists() and not overwrite:
         raise DataError(f"{out} exists; pass --overwrite to replace it")
+    problem = unwritable_folder(out.parent)
+    if problem:
+        raise DataError(f"--out {out}: {problem}")
     return out
 
 
@@ -84,8 +128,18 @@ def tool_main(
     """`python -m data_prep.TOOL`: the same arguments and clean errors as `embtrain prep TOOL`."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     add_arguments(parser)
+    args = parser.parse_args(argv)
     try:
-        return run(parser.parse_args(argv))
-    except (DataError, FileNotFoundError) as exc:
+        return run(args)
+    except (DataError, RecipeError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # one the tool's own checks did not foresee (a full disk, say)
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line naming the file: `path: reason`."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from trainer.data.beir import text_lines
 from trainer.data.errors import DataError
 from trainer.data.readers import FORMAT_OF_SUFFIX
 
@@ -76,77 +77,61 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train") -> Iter
     raise DataError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def _open_text(path: Path):
-    try:
-        # utf-8-sig drops a byte-order mark; newline="" lets csv see quoted line breaks
-        return path.open(encoding="utf-8-sig", newline="")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc.strerror}") from None
-
-
 def _jsonl(path: Path) -> Iterator[Row | BadRow]:
-    with _open_text(path) as handle:
-        line_no = 0
-        while True:
-            try:
-                line = handle.readline()
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}, after line {line_no}: not UTF-8 ({exc.reason})") from None
-            if not line:
-                return
-            line_no += 1
-            if not line.strip():
-                continue
-            location = f"line {line_no}"
-            try:
-                data = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield BadRow(location, "invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}", line.rstrip("\r\n"))
-                continue
-            if not isinstance(data, dict):
-                yield BadRow(location, "not_an_object", "expected a JSON object", line.rstrip("\r\n"))
-                continue
-            yield Row(location, data)
+    for line_no, line in text_lines(path):
+        if not line.strip():
+            continue
+        location = f"line {line_no}"
+        try:
+            data = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield BadRow(location, "invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}", line.rstrip("\r\n"))
+            continue
+        if not isinstance(data, dict):
+            yield BadRow(location, "not_an_object", "expected a JSON object", line.rstrip("\r\n"))
+            continue
+        yield Row(location, data)
 
 
 def _delimited(path: Path, fmt: str) -> Iterator[Row | BadRow]:
     """csv: standard quoting; tsv: tabs only, no quoting (quotes are part of the text)."""
     csv.field_size_limit(sys.maxsize)
     options = {"delimiter": ","} if fmt == "csv" else {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-    with _open_text(path) as handle:
-        reader = csv.reader(handle, **options)
+    # lines keep their ends, so quoted line breaks reach csv as they are in the file
+    reader = csv.reader((line for _, line in text_lines(path)), **options)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(f"{path}: empty file") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}, line 1: {exc}") from None
+    header = [h.strip() for h in header]
+    if len(set(header)) != len(header):
+        raise DataError(f"{path}, line 1: repeated column names in the header {header}")
+    while True:
         try:
-            header = next(reader)
+            fields = next(reader)
         except StopIteration:
-            raise DataError(f"{path}: empty file") from None
-        header = [h.strip() for h in header]
-        if len(set(header)) != len(header):
-            raise DataError(f"{path}, line 1: repeated column names in the header {header}")
-        while True:
-            try:
-                fields = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as exc:
-                raise DataError(f"{path}, line {reader.line_num}: {exc}") from None
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{path}, after line {reader.line_num}: not UTF-8 ({exc.reason})") from None
-            if not fields:
-                continue
-            location = f"line {reader.line_num}"
-            if len(fields) != len(header):
-                yield BadRow(
-                    location,
-                    "wrong_field_count",
-                    f"{len(fields)} fields, the header has {len(header)}"
-                    + ("; a text containing a tab?" if fmt == "tsv" else "; an unbalanced quote?"),
-                    ("\t" if fmt == "tsv" else ",").join(fields),
-                )
-                continue
-            yield Row(location, dict(zip(header, fields)))
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path}, line {reader.line_num}: {exc}") from None
+        if not fields:
+            continue
+        location = f"line {reader.line_num}"
+        if len(fields) != len(header):
+            yield BadRow(
+                location,
+                "wrong_field_count",
+                f"{len(fields)} fields, the header has {len(header)}"
+                + ("; a text containing a tab?" if fmt == "tsv" else "; an unbalanced quote?"),
+                ("\t" if fmt == "tsv" else ",").join(fields),
+            )
+            continue
+        yield Row(location, dict(zip(header, fields)))
 
 
 def _parquet(path: Path) -> Iterator[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -154,7 +139,14 @@ def _parquet(path: Path) -> Iterator[Row]:
     except Exception as exc:  # pyarrow raises several types for a broken file
         raise DataError(f"{path}: cannot read as parquet: {exc}") from None
     row_no = 0
-    for batch in parquet.iter_batches(batch_size=4096):
+    batches = parquet.iter_batches(batch_size=4096)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (OSError, ValueError, pa.ArrowException) as exc:  # a damaged row group shows only when read
+            raise DataError(f"{path}, after row {row_no}: cannot read as parquet: {exc}") from None
         for data in batch.to_pylist():
             row_no += 1
             yield Row(f"row {row_no}", data)
@@ -163,7 +155,12 @@ def _parquet(path: Path) -> Iterator[Row]:
 def _saved_dataset(path: Path, split: str) -> Iterator[Row]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    import pyarrow as pa
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, KeyError, pa.ArrowException) as exc:  # kinds datasets raises for a damaged folder
+        raise DataError(f"{path}: cannot read as a datasets folder: {type(exc).__name__}: {exc}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{path}: no split {split!r} (splits: {list(loaded)}); pass --split")

@@ -15,7 +15,7 @@ import argparse
 
 from tqdm.auto import tqdm
 
-from data_prep.output import check_output, tool_main, write_jsonl
+from data_prep.output import check_output, positive_int, tool_main, write_jsonl
 from trainer.data.errors import DataError
 from trainer.data.readers import load_table
 
@@ -24,13 +24,12 @@ def documents_of(row: dict, positive_column: str, negatives_column: str | None) 
     return [row[positive_column]] + (list(row[negatives_column]) if negatives_column else [])
 
 
-def embedding_scores(rows, model: str, query_column, positive_column, negatives_column, batch_size) -> list[list[float]]:
-    from trainer.checkpoint import model_dir
-    from trainer.config import ModelConfig
-    from trainer.model.encoder import Encoder, saved_model_config
+def embedding_scores(
+    rows, model: str, query_column, positive_column, negatives_column, batch_size, trust_remote_code: bool = False
+) -> list[list[float]]:
+    from trainer.model.encoder import Encoder, embedding_config
 
-    path = str(model_dir(model))
-    encoder = Encoder.from_config(saved_model_config(path) or ModelConfig(name_or_path=path))
+    encoder = Encoder.from_config(embedding_config(model, trust_remote_code))
     queries = encoder.encode([r[query_column] for r in rows], is_query=True, batch_size=batch_size, progress="queries")
     flat = [d for r in rows for d in documents_of(r, positive_column, negatives_column)]
     documents = encoder.encode(flat, is_query=False, batch_size=batch_size, progress="documents")
@@ -42,12 +41,20 @@ def embedding_scores(rows, model: str, query_column, positive_column, negatives_
     return scores
 
 
-def cross_encoder_scores(rows, model: str, query_column, positive_column, negatives_column, batch_size) -> list[list[float]]:
+def cross_encoder_scores(
+    rows, model: str, query_column, positive_column, negatives_column, batch_size, trust_remote_code: bool = False
+) -> list[list[float]]:
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    scorer = AutoModelForSequenceClassification.from_pretrained(model).eval()
+    from trainer.model.encoder import LOAD_ERRORS, load_error, load_tokenizer, locate_model
+
+    tokenizer = load_tokenizer(model, trust_remote_code)
+    path = locate_model(model)
+    try:
+        scorer = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
+    except LOAD_ERRORS as exc:
+        raise load_error(model, path, "cross-encoder", exc) from None
     pairs = [(i, r[query_column], d) for i, r in enumerate(rows) for d in documents_of(r, positive_column, negatives_column)]
     values: list[float] = []
     with torch.no_grad():
@@ -62,15 +69,30 @@ def cross_encoder_scores(rows, model: str, query_column, positive_column, negati
     return scores
 
 
+def check_rows(path: str, rows: list[dict], query_column: str, positive_column: str, negatives_column: str | None) -> None:
+    """Every text to score is a non-empty string and the negatives a list of them, before a model loads."""
+    for number, row in enumerate(rows, start=1):
+        for column in (query_column, positive_column):
+            value = row[column]
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{path}, row {number}: column '{column}' must be a non-empty text, got {value!r:.60}")
+        if negatives_column:
+            negatives = row[negatives_column]
+            if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+                raise DataError(f"{path}, row {number}: column '{negatives_column}' must be a list of texts, got {negatives!r:.60}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train", required=True, help="rows to score: jsonl, csv, tsv or parquet")
     teacher = parser.add_mutually_exclusive_group(required=True)
     teacher.add_argument("--teacher", help="embedding model: folder, checkpoint, Hub id or package:NAME")
     teacher.add_argument("--cross-encoder", help="sequence-classification model scoring (query, document)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a model whose config names its own Python code run it (only for models you trust)")
     parser.add_argument("--query-column", default="query")
     parser.add_argument("--positive-column", default="positive")
     parser.add_argument("--negatives-column", default="negatives", help="list of hard negatives ('' for none)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--out", required=True)
     parser.add_argument("--overwrite", action="store_true")
 
@@ -83,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
         if column not in table.column_names:
             raise DataError(f"{args.train}: missing column '{column}' (columns: {table.column_names})")
     rows = table.to_list()
-    columns = (args.query_column, args.positive_column, negatives_column, args.batch_size)
+    check_rows(args.train, rows, args.query_column, args.positive_column, negatives_column)
+    columns = (args.query_column, args.positive_column, negatives_column, args.batch_size, args.trust_remote_code)
     if args.teacher:
         scores = embedding_scores(rows, args.teacher, *columns)
     else:

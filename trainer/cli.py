@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from data_prep.output import os_error_message, positive_int
 from trainer.config import (
     ModelConfig,
     PairsSource,
@@ -19,6 +20,8 @@ from trainer.config import (
 from trainer.data.errors import DataError
 from trainer.data.readers import path_exists, peek_columns
 from trainer.errors import PREEMPTED_EXIT_CODE, Preempted, RunError
+
+TRUST_HELP = "let a model whose config names its own Python code run it (only for models you trust)"
 
 
 def check_paths(recipe) -> list[str]:
@@ -39,7 +42,24 @@ def check_paths(recipe) -> list[str]:
     for i, eval_set in enumerate(recipe.evaluation.sets):
         if not Path(eval_set.path).exists():
             missing.append(f"evaluation.sets.{i}.path: {eval_set.path} not found")
+    missing += model_problems(recipe.model)
     return missing
+
+
+def model_problems(model: ModelConfig) -> list[str]:
+    """What is wrong with a local model folder, from its config.json alone: missing, not a model,
+    unreadable, code that needs model.trust_remote_code, or max_seq_length beyond its positions.
+    A Hub id is checked when it loads."""
+    from trainer.model.encoder import ModelError, SequenceLengthError, load_backbone_config, locate_model
+
+    try:
+        if Path(locate_model(model.name_or_path)).is_dir():
+            load_backbone_config(model)
+    except SequenceLengthError as exc:
+        return [f"model.max_seq_length: {exc}"]
+    except ModelError as exc:
+        return [f"model.name_or_path: {exc}"]
+    return []
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -66,17 +86,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from trainer.checkpoint import model_dir
     from trainer.evaluation import build_evaluator
-    from trainer.model.encoder import Encoder, saved_model_config
+    from trainer.model.encoder import Encoder, SequenceLengthError, embedding_config
 
-    path = str(model_dir(args.model))
-    config = saved_model_config(path) or ModelConfig(name_or_path=path)
+    config = embedding_config(args.model, args.trust_remote_code)
     for field in ("pooling", "max_seq_length", "query_prompt", "document_prompt"):
         if getattr(args, field) is not None:
             setattr(config, field, getattr(args, field))
     if args.no_normalize:
         config.normalize = False
+    device = check_device(args.device) if args.device else None
     eval_sets = []
     if args.beir:
         eval_sets.append(
@@ -95,10 +114,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     if not eval_sets:
         raise RecipeError("eval: give --beir FOLDER and/or --sts FILE")
-    evaluators = [build_evaluator(s) for s in eval_sets]  # read (and check) the data before loading the model
-    encoder = Encoder.from_config(config)
-    if args.device:
-        encoder.to(args.device)
+    evaluators = [read_eval_set(s, build_evaluator) for s in eval_sets]  # the data is checked before the model loads
+    try:
+        encoder = Encoder.from_config(config)
+    except SequenceLengthError as exc:
+        raise SequenceLengthError(f"--max-seq-length: {exc}" if args.max_seq_length else str(exc)) from None
+    if device is not None:
+        encoder.to(device)
     metrics = {}
     for eval_set, evaluator in zip(eval_sets, evaluators):
         values = evaluator(encoder)
@@ -109,6 +131,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for key, value in metrics.items():
             print(f"{key:>24}  {value:.4f}")
     return 0
+
+
+def read_eval_set(eval_set, build_evaluator):
+    """The evaluator of one set, its data read now; a file that cannot be parsed is a DataError
+    that names it (the STS reader leaves decoding and pandas' parse errors to its caller)."""
+    try:
+        return build_evaluator(eval_set)
+    except DataError:
+        raise
+    except ValueError as exc:  # UnicodeDecodeError, pandas' ParserError and EmptyDataError, bad JSON
+        raise DataError(f"{eval_set.path}: cannot read as {getattr(eval_set, 'format', 'BEIR')}: {exc}") from None
+
+
+def check_device(name: str):
+    """`--device` as a torch device that exists on this machine."""
+    import torch
+
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # torch: an unknown name; a missing CUDA build asserts
+        raise RecipeError(f"--device {name!r}: not available here ({exc})") from None
+    return device
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -123,6 +168,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         check=not args.no_check,
         onnx=args.onnx,
+        trust_remote_code=args.trust_remote_code,
     )
     checkpoint = Path(args.checkpoint)
     run_dir = checkpoint.parent if (checkpoint.parent / "recipe.yaml").exists() else None
@@ -181,24 +227,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="model folder, checkpoint step_N folder, Hub id or package:NAME")
     evaluate.add_argument("--beir", help="BEIR folder for retrieval metrics")
     evaluate.add_argument("--split", default="test", help="qrels split of the BEIR folder (default: test)")
-    evaluate.add_argument("--max-queries", type=int, help="evaluate only the first N queries")
+    evaluate.add_argument("--max-queries", type=positive_int, help="evaluate only the first N queries")
     evaluate.add_argument("--sts", help="STS file for Spearman correlation")
     evaluate.add_argument("--sts-format", default="stsb", choices=["stsb", "csv", "tsv", "jsonl"])
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.add_argument("--pooling", choices=["mean", "cls", "last_token"], help="override the saved pooling")
-    evaluate.add_argument("--max-seq-length", type=int, help="override the saved maximum length")
+    evaluate.add_argument("--max-seq-length", type=positive_int, help="override the saved maximum length")
     evaluate.add_argument("--query-prompt", help="override the saved query prompt")
     evaluate.add_argument("--document-prompt", help="override the saved document prompt")
     evaluate.add_argument("--no-normalize", action="store_true", help="do not L2-normalise embeddings")
     evaluate.add_argument("--device", help="e.g. cuda or cpu (default: cpu)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     evaluate.set_defaults(func=cmd_eval)
 
     export = commands.add_parser("export", help="write a sentence-transformers folder with a model card")
     export.add_argument("checkpoint", help="checkpoints/RUN/step_N, checkpoints/RUN/best or an embtrain model folder")
     export.add_argument("--out", required=True, help="folder to write")
     export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight precision")
-    export.add_argument("--dim", type=int, help="truncate embeddings to the first N dimensions (Matryoshka models)")
+    export.add_argument("--dim", type=positive_int, help="truncate embeddings to the first N dimensions (Matryoshka models)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     export.add_argument("--onnx", action="store_true", help="also write onnx/model.onnx (pip install 'embtrain[onnx]')")
     export.add_argument("--no-check", action="store_true", help="skip the parity checks")
@@ -207,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--license", help="licence for the card metadata, e.g. apache-2.0")
     export.add_argument("--base-model", help="Hub id of the base model for the card (default: the recipe's, if a Hub id)")
     export.add_argument("--datasets", nargs="+", help="Hub ids of the training data sets for the card metadata")
+    export.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     export.set_defaults(func=cmd_export)
 
     push = commands.add_parser("push", help="upload an exported folder to the Hugging Face Hub")
@@ -235,15 +283,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also come after options: `train r.yaml --resume training.max_steps=20`
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
-    except (RecipeError, DataError, RunError, FileNotFoundError) as exc:
+    except (RecipeError, DataError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Preempted as exc:
         print(str(exc), file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except OSError as exc:  # a file operation the commands' own checks did not foresee (a full disk, say)
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

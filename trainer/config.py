@@ -43,6 +43,9 @@ class ModelConfig:
     """Prefix added to every document (positives, negatives, corpus), e.g. 'passage: '."""
     gradient_checkpointing: bool = False
     """Recompute the backbone's activations in the backward pass: less memory, ~30% more time."""
+    trust_remote_code: bool = False
+    """Let a model whose config names its own Python code (`auto_map`) run that code. Only for
+    models you trust; never read from a saved model folder, only from the recipe or a flag."""
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 1:
@@ -444,7 +447,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise RecipeError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        if not key.strip():
+            raise RecipeError(f"override {item!r}: no key before '='; it must look like key.sub=value")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise RecipeError(
+                f"override {item!r}: the value {raw!r} is not valid YAML ({problem}); quote it or close its brackets"
+            ) from None
     return out
 
 

@@ -122,7 +122,7 @@ def test_cli_writes_rows_and_manifest_that_train_reads(tmp_path, tiny_model, tin
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     manifest = json.loads((tmp_path / "mined.jsonl.manifest.json").read_text())
     assert manifest["rows"] == len(rows) == 28 and manifest["settings"]["num_negatives"] == 2
-    assert manifest["settings"]["max_seq_length"] == 256  # the model's default, recorded
+    assert manifest["settings"]["max_seq_length"] == 64  # the default 256, capped at the tiny model's 64 positions
     assert "wrote 28 rows" in capsys.readouterr().out
     assert main(args) == 2  # never overwrites without --overwrite
     assert "exists; pass --overwrite" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config import BeirSource, PairsSource, TrainSource
-from trainer.data.beir import read_beir
+from trainer.data.beir import read_beir, text_lines
 from trainer.data.errors import DataError
 from trainer.data.examples import Example
 from trainer.data.training_set import TextKeys, TrainingSet, text_key
@@ -55,25 +55,128 @@ def peek_columns(path: str, fmt: str) -> list[str] | None:
 
 
 def load_table(path: str, fmt: str):
+    """A pairs file (or glob) as a memory-mapped table. A file that cannot be read is a
+    `DataError` naming the file and, where there is one, the line: `datasets` reports byte
+    offsets or nothing useful, so a failed or empty read is followed by a scan that finds it."""
     import datasets
 
-    if fmt == "auto":
-        suffix = Path(path).suffix.lower()
-        if suffix not in FORMAT_OF_SUFFIX:
-            raise DataError(f"{path}: cannot tell the format from '{suffix}'; set format: jsonl|csv|tsv|parquet")
-        fmt = FORMAT_OF_SUFFIX[suffix]
-    if not path_exists(path):
+    fmt = resolve_format(path, fmt)
+    if Path(path).is_dir():
+        raise DataError(f"{path}: a folder; a pairs source reads a file (or a glob such as {path}/*.jsonl)")
+    files = matching_files(path)
+    if not files:
         raise DataError(f"{path}: file not found")
     builder = {"jsonl": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}[fmt]
     kwargs = {"delimiter": "\t"} if fmt == "tsv" else {}
     datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parser logs byte offsets; the error below says more
     try:
-        return datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
+        table = datasets.load_dataset(builder, data_files=path, split="train", **kwargs)
     except Exception as exc:  # datasets wraps parser errors several levels deep
         cause = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise DataError(f"{path}: cannot read as {fmt}: {type(cause).__name__}: {cause}") from None
+        problem = first_problem(files, fmt)
+        raise DataError(problem or f"{path}: cannot read as {fmt}: {type(cause).__name__}: {cause}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+    if len(table) == 0:
+        raise DataError(first_problem(files, fmt) or f"{path}: no rows")
+    return table
+
+
+def resolve_format(path: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMAT_OF_SUFFIX:
+        raise DataError(f"{path}: cannot tell the format from '{suffix}'; set format: jsonl|csv|tsv|parquet")
+    return FORMAT_OF_SUFFIX[suffix]
+
+
+def matching_files(path: str) -> list[Path]:
+    """The file, or the files a glob matches, in order."""
+    if Path(path).is_file():
+        return [Path(path)]
+    return [Path(f) for f in sorted(glob.glob(path)) if Path(f).is_file()]
+
+
+def first_problem(files: list[Path], fmt: str) -> str | None:
+    """The first thing in `files` that keeps them from being read as `fmt`, with its file and line:
+    not UTF-8, invalid JSON, a line that is not an object, a field whose JSON type changes, a csv
+    syntax error, or no rows at all. None when nothing is found."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        for path in files:
+            try:
+                if pq.read_metadata(path).num_rows == 0:
+                    return f"{path}: no rows"
+            except (OSError, ValueError):  # not parquet at all: the reader's own message says so
+                return None
+        return None
+    for path in files:
+        problem = _jsonl_problem(path) if fmt == "jsonl" else _delimited_problem(path, fmt)
+        if problem:
+            return problem
+    return None
+
+
+_JSON_KINDS = {str: "text", bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
+
+
+def _jsonl_problem(path: Path) -> str | None:
+    import json
+
+    first_kind: dict[str, tuple[str, int]] = {}
+    rows = 0
+    try:
+        for line_no, line in text_lines(path):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"{path}, line {line_no}: invalid JSON: {exc.msg} (column {exc.colno})"
+            if not isinstance(row, dict):
+                return f"{path}, line {line_no}: expected a JSON object, got {_JSON_KINDS.get(type(row), 'null')}"
+            rows += 1
+            for key, value in row.items():
+                if value is None:
+                    continue
+                kind = _JSON_KINDS[type(value)]
+                seen = first_kind.setdefault(key, (kind, line_no))
+                if seen[0] != kind:
+                    return f"{path}, line {line_no}: field '{key}' is {kind}, but on line {seen[1]} it is {seen[0]}"
+    except DataError as exc:
+        return str(exc)
+    return None if rows else f"{path}: no rows (the file is empty)"
+
+
+def _delimited_problem(path: Path, fmt: str) -> str | None:
+    import csv
+
+    reader = csv.reader((line for _, line in text_lines(path)), delimiter="\t" if fmt == "tsv" else ",")
+    header: list[str] | None = None
+    rows = 0
+    try:
+        for row in reader:
+            if not row:
+                continue
+            if header is None:
+                header = row
+                continue
+            rows += 1
+            if len(row) > len(header):
+                return f"{path}, line {reader.line_num}: {len(row)} fields, the header has {len(header)}"
+    except DataError as exc:
+        return str(exc)
+    except csv.Error as exc:
+        return f"{path}, line {reader.line_num}: {exc}"
+    if header is None:
+        return f"{path}: no rows (the file is empty)"
+    return None if rows else f"{path}: only a header line ({', '.join(header)}), no rows"
 
 
 def _check_text(path: str, row: int, column: str, value: object) -> str:
@@ -113,7 +216,11 @@ def read_pairs(source: PairsSource, num_negatives: int | None, index: int = 0) -
     # in two steps, so that a mapping such as query_column: positive cannot collide
     table = table.rename_columns({original: f"__{name}" for name, original in columns.items()})
     table = table.rename_columns({f"__{name}": name for name in columns})
-    return _scan(table, source.path, columns, num_negatives, index)
+    try:
+        return _scan(table, source.path, columns, num_negatives, index)
+    except UnicodeDecodeError:  # the JSON reader keeps bytes that are not UTF-8 until a row is read
+        problem = first_problem(matching_files(source.path), resolve_format(source.path, source.format))
+        raise DataError(problem or f"{source.path}: not UTF-8 text") from None
 
 
 def _scan(table, name: str, columns: dict[str, str], num_negatives: int | None, index: int) -> SourceTable:
@@ -170,6 +277,10 @@ def read_beir_pairs(source: BeirSource, num_negatives: int | None, index: int = 
     for query_id, doc_id in beir.relevant_pairs(source.min_score):
         rows["query"].append(beir.queries[query_id])
         rows["positive"].append(beir.corpus[doc_id])
+    if not rows["query"]:
+        raise DataError(
+            f"{Path(source.path) / 'qrels' / f'{source.split}.tsv'}: no judgement scores at least min_score {source.min_score}"
+        )
     if source.max_examples is not None:
         rows = {k: v[: source.max_examples] for k, v in rows.items()}
     table = datasets.Dataset.from_dict(rows)

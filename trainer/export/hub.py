@@ -76,4 +76,23 @@ def push(
         status = exc.response.status_code if exc.response is not None else "?"
         hint = " (check HF_TOKEN or run `huggingface-cli login`)" if status in (401, 403) else ""
         raise PushError(f"push to {repo_id} failed: HTTP {status}{hint}") from None
+    except network_errors() as exc:
+        raise PushError(
+            f"push to {repo_id} failed: cannot reach the Hub at {api.endpoint} ({type(exc).__name__}: {exc}); "
+            "check the network connection, a proxy or HF_ENDPOINT"
+        ) from None
     return commit.pr_url or commit.commit_url
+
+
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub client raises when the Hub cannot be reached: OSError for requests-based
+    versions of huggingface_hub (and offline mode), the HTTP library's transport errors for later ones."""
+    import importlib
+
+    errors: list[type[BaseException]] = [OSError]
+    for module in ("httpx", "httpx2"):  # huggingface_hub >= 1.0 speaks HTTP through httpx (or its fork)
+        try:
+            errors.append(importlib.import_module(module).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)

@@ -6,6 +6,7 @@ Everything comes from the run folder (`recipe.yaml`, `metrics.jsonl`) next to th
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,22 +25,50 @@ class RunRecord:
 
 
 def read_run(run_dir: Path | None) -> RunRecord:
+    """What the card shows of the run. The export is done when this runs, so a damaged recipe.yaml
+    or metrics.jsonl leaves its part out of the card with a warning instead of failing."""
     record = RunRecord()
     if run_dir is None:
         return record
     recipe_file = run_dir / "recipe.yaml"
     if recipe_file.exists():
-        record.recipe_text = recipe_file.read_text()
-        record.recipe = yaml.safe_load(record.recipe_text)
+        try:
+            text = recipe_file.read_text(encoding="utf-8")
+            recipe = yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8
+            _warn(f"{recipe_file}: not read ({type(exc).__name__}); the card leaves the recipe out")
+        else:
+            if isinstance(recipe, dict) and all(isinstance(recipe.get(k, {}), dict) for k in ("model", "data", "training")):
+                record.recipe, record.recipe_text = recipe, text
+            else:
+                _warn(f"{recipe_file}: not a recipe; the card leaves it out")
     metrics_file = run_dir / "metrics.jsonl"
     if metrics_file.exists():
-        for line in metrics_file.read_text().splitlines():
-            row = json.loads(line)
-            if "loss" in row:
+        try:
+            lines = metrics_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, ValueError) as exc:
+            _warn(f"{metrics_file}: not read ({type(exc).__name__}); the card leaves the curves out")
+            lines = []
+        skipped = 0
+        for line in lines:
+            try:
+                row = json.loads(line)
+                valid = isinstance(row, dict) and isinstance(row.get("step"), int)
+            except ValueError:
+                valid = False
+            if not valid:
+                skipped += 1  # e.g. a line cut short when a run was killed
+            elif isinstance(row.get("loss"), (int, float)):
                 record.losses.append((row["step"], row["loss"]))
-            elif any("/" in key for key in row):
+            elif any("/" in key for key in row) and all(isinstance(v, (int, float)) for v in row.values()):
                 record.evaluations.append(row)
+        if skipped:
+            _warn(f"{metrics_file}: {skipped} unreadable line(s) left out of the card")
     return record
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def plot_curves(record: RunRecord, out: Path) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.errors import RunError
 from trainer.model.encoder import Encoder
 from trainer.model.pooling import POOLING
 
@@ -35,8 +36,9 @@ class _Backbone(torch.nn.Module):
 def write_onnx(encoder: Encoder, folder: Path) -> Path:
     try:
         import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401  (the parity check runs the graph)
     except ImportError:
-        raise ImportError("ONNX export needs the onnx extra: pip install 'embtrain[onnx]'") from None
+        raise RunError("--onnx needs the onnx extra: pip install 'embtrain[onnx]'") from None
     path = folder / ONNX_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     sample = encoder.tokenize(["an example sentence", "a second, longer example sentence for shapes"])

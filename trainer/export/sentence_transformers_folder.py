@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 
 from trainer.checkpoint import model_dir
 from trainer.errors import RunError
-from trainer.model.encoder import ENCODER_FILE, Encoder, saved_model_config
+from trainer.model.encoder import ENCODER_FILE, Encoder, ModelError, saved_model_config
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARITY_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-2, "bf16": 5e-2}
@@ -66,12 +67,43 @@ def model_folder(checkpoint: str | Path) -> Path:
     return path
 
 
-def load_checked(folder: Path) -> Encoder:
-    config = saved_model_config(str(folder))
+def load_checked(folder: Path, trust_remote_code: bool = False) -> Encoder:
     try:
+        config = saved_model_config(str(folder))
+        config.trust_remote_code = trust_remote_code
         return Encoder.from_config(config)
-    except Exception as exc:  # corrupt weights surface as many different errors
-        raise ExportError(f"{folder}: cannot load the model: {type(exc).__name__}: {exc}") from None
+    except ModelError as exc:  # corrupt weights or settings, named by the encoder
+        raise ExportError(f"{folder}: cannot load the model: {exc}") from None
+
+
+def check_out(checkpoint: Path, source: Path, out: Path, overwrite: bool) -> Path:
+    """`out`, resolved, once it is safe to replace: it must not hold or lie inside the model being
+    exported (the checkpoint, its run folder), nor be the current folder or one that holds it; it
+    must not be a file or a non-empty folder (without --overwrite), and must be writable."""
+    target = out.resolve()
+    for protected in dict.fromkeys([checkpoint.resolve(), source.resolve()]):
+        if target == protected or target in protected.parents:
+            raise ExportError(
+                f"--out {out}: it holds the model being exported ({protected}), which writing the export there "
+                "would delete; choose a folder outside it"
+            )
+        if protected in target.parents:
+            raise ExportError(f"--out {out}: it is inside the model being exported ({protected}); choose a folder outside it")
+    here = Path.cwd().resolve()
+    if target == here or target in here.parents:
+        raise ExportError(f"--out {out}: it is the current folder or holds it ({here}); choose a new folder")
+    if target.exists() and not target.is_dir():
+        raise ExportError(f"--out {out}: a file of that name exists; choose a folder name")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    parent = next(p for p in target.parents if p.exists() or p == p.parent)
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        raise ExportError(f"--out {out}: cannot write in {parent}: {exc.strerror}") from None
+    return target
 
 
 def _pooling_config(pooling: str, dim: int) -> dict:
@@ -151,10 +183,10 @@ def reference_embeddings(encoder: Encoder, texts: list[str], truncate_dim: int |
     return embeddings
 
 
-def exported_embeddings(folder: Path, texts: list[str], prompt: str) -> torch.Tensor:
+def exported_embeddings(folder: Path, texts: list[str], prompt: str, trust_remote_code: bool = False) -> torch.Tensor:
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(folder), device="cpu")
+    model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=trust_remote_code)
     model.float()  # compare in fp32: half-precision exports are checked for their rounding only
     return model.encode([prompt + t for t in texts], convert_to_tensor=True, batch_size=8).float().cpu()
 
@@ -168,13 +200,13 @@ def export(
     overwrite: bool = False,
     check: bool = True,
     onnx: bool = False,
+    trust_remote_code: bool = False,
 ) -> ExportResult:
-    """Export, then check parity on fixed texts (queries and documents, with their prompts)."""
+    """Export, then check parity on fixed texts (queries and documents, with their prompts).
+    Every check on `out` runs before anything is written or deleted."""
     source = model_folder(checkpoint)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    encoder = load_checked(source)
+    out = check_out(Path(checkpoint), source, Path(out), overwrite)
+    encoder = load_checked(source, trust_remote_code)
     if truncate_dim is not None and not 0 < truncate_dim <= encoder.dim:
         raise ExportError(f"--dim {truncate_dim} must be between 1 and the model's {encoder.dim}")
     expected_queries = reference_embeddings(encoder, PARITY_TEXTS, truncate_dim, is_query=True)
@@ -199,8 +231,8 @@ def export(
     write_folder(encoder, tmp, dtype, truncate_dim)
     diff = 0.0
     if check:
-        got_queries = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.query_prompt)
-        got_docs = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.document_prompt)
+        got_queries = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.query_prompt, trust_remote_code)
+        got_docs = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.document_prompt, trust_remote_code)
         diff = max((got_queries - expected_queries).abs().max().item(), (got_docs - expected_docs).abs().max().item())
         if diff > PARITY_TOLERANCE[dtype]:
             raise ExportError(

