@@ -19,7 +19,7 @@ from data_prep.output import check_output, tool_main, write_jsonl
 from trainer.config import STSEvalConfig
 from trainer.data.beir import read_queries, read_qrels
 from trainer.data.errors import DataError
-from trainer.data.readers import load_table
+from trainer.data.readers import load_table, utf8_problem
 
 _PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
 _SPACES = re.compile(r"\s+")
@@ -50,7 +50,7 @@ def sts_eval_sentences(path: str) -> dict[str, str]:
     except DataError:
         raise
     except ValueError as exc:  # not UTF-8, or a score that is not a number
-        raise DataError(f"--eval-sts {path}: cannot read: {exc}") from None
+        raise DataError(f"--eval-sts {utf8_problem(path) or f'{path}: cannot read: {exc}'}") from None
     return {normalise(t): f"{path} pair {i % len(first) + 1}" for i, t in enumerate(first + second)}
 
 

@@ -47,14 +47,15 @@ def cross_encoder_scores(
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from trainer.model.encoder import LOAD_ERRORS, load_error, load_tokenizer, locate_model
+    from trainer.config import ModelConfig
+    from trainer.model.encoder import LOAD_ERRORS, load_error, load_tokenizer, read_backbone_config
 
+    path, _ = read_backbone_config(ModelConfig(name_or_path=model, trust_remote_code=trust_remote_code))
     tokenizer = load_tokenizer(model, trust_remote_code)
-    path = locate_model(model)
     try:
         scorer = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
     except LOAD_ERRORS as exc:
-        raise load_error(model, path, "cross-encoder", exc) from None
+        raise load_error(model, path, "weights", exc) from None
     pairs = [(i, r[query_column], d) for i, r in enumerate(rows) for d in documents_of(r, positive_column, negatives_column)]
     values: list[float] = []
     with torch.no_grad():

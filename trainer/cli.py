@@ -18,7 +18,7 @@ from trainer.config import (
     recipe_to_yaml,
 )
 from trainer.data.errors import DataError
-from trainer.data.readers import path_exists, peek_columns
+from trainer.data.readers import first_problem, path_exists, peek_columns, utf8_problem
 from trainer.errors import PREEMPTED_EXIT_CODE, Preempted, RunError
 
 TRUST_HELP = "let a model whose config names its own Python code run it (only for models you trust)"
@@ -141,7 +141,9 @@ def read_eval_set(eval_set, build_evaluator):
     except DataError:
         raise
     except ValueError as exc:  # UnicodeDecodeError, pandas' ParserError and EmptyDataError, bad JSON
-        raise DataError(f"{eval_set.path}: cannot read as {getattr(eval_set, 'format', 'BEIR')}: {exc}") from None
+        fmt = getattr(eval_set, "format", "BEIR")
+        problem = first_problem([Path(eval_set.path)], fmt) if fmt in ("jsonl", "csv", "tsv") else utf8_problem(eval_set.path)
+        raise DataError(problem or f"{eval_set.path}: cannot read as {fmt}: {exc}") from None
 
 
 def check_device(name: str):

@@ -60,9 +60,9 @@ def load_table(path: str, fmt: str):
     offsets or nothing useful, so a failed or empty read is followed by a scan that finds it."""
     import datasets
 
-    fmt = resolve_format(path, fmt)
     if Path(path).is_dir():
         raise DataError(f"{path}: a folder; a pairs source reads a file (or a glob such as {path}/*.jsonl)")
+    fmt = resolve_format(path, fmt)
     files = matching_files(path)
     if not files:
         raise DataError(f"{path}: file not found")
@@ -84,6 +84,16 @@ def load_table(path: str, fmt: str):
     if len(table) == 0:
         raise DataError(first_problem(files, fmt) or f"{path}: no rows")
     return table
+
+
+def utf8_problem(path: str | Path) -> str | None:
+    """The file and line of the first line of `path` that is not UTF-8 text; None if all are."""
+    try:
+        for _ in text_lines(Path(path)):
+            pass
+    except DataError as exc:
+        return str(exc)
+    return None
 
 
 def resolve_format(path: str, fmt: str) -> str:
@@ -157,11 +167,12 @@ def _jsonl_problem(path: Path) -> str | None:
 def _delimited_problem(path: Path, fmt: str) -> str | None:
     import csv
 
-    reader = csv.reader((line for _, line in text_lines(path)), delimiter="\t" if fmt == "tsv" else ",")
+    reader = csv.reader((line for _, line in text_lines(path)), delimiter="\t" if fmt == "tsv" else ",", strict=True)
     header: list[str] | None = None
-    rows = 0
+    rows, start = 0, 1
     try:
         for row in reader:
+            start = reader.line_num + 1
             if not row:
                 continue
             if header is None:
@@ -173,6 +184,8 @@ def _delimited_problem(path: Path, fmt: str) -> str | None:
     except DataError as exc:
         return str(exc)
     except csv.Error as exc:
+        if "unexpected end of data" in str(exc):
+            return f"{path}, line {start}: a quoted field is never closed (a stray double quote?)"
         return f"{path}, line {reader.line_num}: {exc}"
     if header is None:
         return f"{path}: no rows (the file is empty)"

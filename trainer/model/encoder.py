@@ -39,6 +39,12 @@ POSITION_OFFSET_MODEL_TYPES = frozenset(
 """Model types whose position ids start after the padding id, so that they take
 `max_position_embeddings - (pad_token_id + 1)` tokens (512 of RoBERTa's 514)."""
 
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+"""A local model folder holds at least one of these when it has a tokenizer."""
+
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
 """What transformers, torch and safetensors raise for a missing, corrupt or unsupported model."""
 
@@ -185,10 +191,23 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = locate_model(name_or_path)
+    folder = Path(path)
+    if folder.is_dir() and not any((folder / name).exists() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer from config.json alone, which maps every word to [UNK]
+        raise ModelError(
+            f"model {name_or_path!r}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+        )
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except LOAD_ERRORS as exc:
         raise load_error(name_or_path, path, "tokenizer", exc) from None
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        print(
+            f"warning: {path}: the tokenizer has no vocabulary beyond its {len(tokenizer)} special tokens; "
+            "every word becomes an unknown token",
+            file=sys.stderr,
+        )
+    return tokenizer
 
 
 def _read_json(path: Path, name: str):

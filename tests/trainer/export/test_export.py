@@ -158,3 +158,16 @@ def test_onnx_export_matches_within_its_tolerance(tmp_path, tiny_model):
     texts = ["a text never seen by the exporter", "apple river engine"]
     got = onnx_embeddings(tmp_path / "st", encoder, texts, "q: ", None)
     assert (got - encoder.encode(texts, is_query=True)).abs().max().item() <= ONNX_TOLERANCE
+
+
+def test_model_card_leaves_out_what_a_damaged_run_folder_cannot_give(tmp_path, capsys):
+    from trainer.export.model_card import read_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_bytes(b"run_name: caf\xe9\n")  # not UTF-8
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "tiny/ndcg@10": 0.5}\n{"step": 3, "lo')
+    record = read_run(run)
+    assert record.recipe is None and record.losses == [(1, 2.5)] and record.evaluations == [{"step": 2, "tiny/ndcg@10": 0.5}]
+    err = capsys.readouterr().err
+    assert "recipe.yaml: not read" in err and "metrics.jsonl: 1 unreadable line(s)" in err
