@@ -62,8 +62,15 @@ def final_weights(run_dir: Path) -> tuple[dict, dict]:
     return load_file(finals[-1] / "model" / "model.safetensors"), state
 
 
-def in_save(run_dir: Path) -> bool:
-    return any(run_dir.glob(".tmp_step_*")) or any(run_dir.glob(".old_step_*"))
+def save_folders(run_dir: Path) -> set[tuple[str, int]]:
+    """(name, modification time) of the temporary and set-aside folders of saves in progress."""
+    found = set()
+    for path in [*run_dir.glob(".tmp_step_*"), *run_dir.glob(".old_step_*")]:
+        try:
+            found.add((path.name, path.stat().st_mtime_ns))
+        except FileNotFoundError:  # renamed in the meantime
+            pass
+    return found
 
 
 def kill_until_done(
@@ -81,6 +88,11 @@ def kill_until_done(
         delay = rng.uniform(0.2, max_delay_s)
         extra = rng.uniform(0.0, save_jitter_s)
         had_checkpoint = any(run_dir.glob("step_*"))
+        leftovers = save_folders(run_dir)  # of an earlier killed attempt: not a save of this one
+
+        def in_save() -> bool:
+            return bool(save_folders(run_dir) - leftovers)
+
         while process.poll() is None:
             elapsed = time.monotonic() - started
             if kind == "random" and elapsed >= delay:
@@ -89,14 +101,14 @@ def kill_until_done(
                 break
             if kind == "late" and not had_checkpoint and any(run_dir.glob("step_*")):
                 had_checkpoint, started = True, time.monotonic()
-            if kind == "save" and in_save(run_dir):
+            if kind == "save" and in_save():
                 time.sleep(extra)
                 break
             if elapsed > 600:
                 raise RuntimeError("an attempt ran for 10 minutes without finishing")
             time.sleep(0.002)
         if process.poll() is None:
-            inside = in_save(run_dir)
+            inside = in_save()
             process.send_signal(signal.SIGKILL)
             process.wait()
             counts["kills"] += 1
