@@ -80,7 +80,9 @@ def check_rows(path: str, rows: list[dict], query_column: str, positive_column: 
         if negatives_column:
             negatives = row[negatives_column]
             if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
-                raise DataError(f"{path}, row {number}: column '{negatives_column}' must be a list of texts, got {negatives!r:.60}")
+                raise DataError(
+                    f"{path}, row {number}: column '{negatives_column}' must be a list of texts, got {negatives!r:.60}"
+                )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -142,7 +142,10 @@ def read_eval_set(eval_set, build_evaluator):
         raise
     except ValueError as exc:  # UnicodeDecodeError, pandas' ParserError and EmptyDataError, bad JSON
         fmt = getattr(eval_set, "format", "BEIR")
-        problem = first_problem([Path(eval_set.path)], fmt) if fmt in ("jsonl", "csv", "tsv") else utf8_problem(eval_set.path)
+        if fmt in ("jsonl", "csv", "tsv"):
+            problem = first_problem([Path(eval_set.path)], fmt)
+        else:
+            problem = utf8_problem(eval_set.path)
         raise DataError(problem or f"{eval_set.path}: cannot read as {fmt}: {exc}") from None
 
 

@@ -145,7 +145,9 @@ def read_beir(folder: str | Path, split: str) -> BeirSet:
     if not qrels:
         raise DataError(f"{qrels_path}: no judgements (the file is empty or holds only its header)")
     if not any(score > 0 for docs in qrels.values() for score in docs.values()):
-        raise DataError(f"{qrels_path}: no relevant judgements: every score is 0 or less, so nothing can be retrieved or trained on")
+        raise DataError(
+            f"{qrels_path}: no relevant judgements: every score is 0 or less, so nothing can be retrieved or trained on"
+        )
     corpus = read_corpus(folder / "corpus.jsonl")
     queries = read_queries(folder / "queries.jsonl")
     for query_id, docs in qrels.items():

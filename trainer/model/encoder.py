@@ -68,9 +68,13 @@ def resolve_model_path(name_or_path: str) -> str:
             module = importlib.import_module(package)
         except ImportError:
             raise ModelError(
-                f"model {name_or_path!r}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})"
+                f"model {name_or_path!r}: Python package {package!r} is not installed "
+                f"(pip install {package.replace('_', '-')})"
             ) from None
-        path = str(module.get_model_path()) if hasattr(module, "get_model_path") else str(Path(module.__file__).parent / "model")
+        if hasattr(module, "get_model_path"):
+            path = str(module.get_model_path())
+        else:
+            path = str(Path(module.__file__).parent / "model")
     if not Path(path).is_dir():
         return path
     from trainer.checkpoint import model_dir  # imported here: trainer.checkpoint imports this module
@@ -98,7 +102,9 @@ def locate_model(name_or_path: str) -> str:
     folder = Path(path)
     if folder.exists():
         if not folder.is_dir():
-            raise ModelError(f"model {name_or_path!r}: {folder} is a file; give a model folder, a checkpoint step_N folder or a Hub id")
+            raise ModelError(
+                f"model {name_or_path!r}: {folder} is a file; give a model folder, a checkpoint step_N folder or a Hub id"
+            )
         if not (folder / "config.json").is_file():
             held = sorted(p.name for p in folder.iterdir())
             contents = f"it holds {', '.join(held[:6])}{', ...' if len(held) > 6 else ''}" if held else "it is empty"
@@ -110,6 +116,7 @@ def locate_model(name_or_path: str) -> str:
 
 
 def load_error(name: str, path: str, part: str, exc: BaseException) -> ModelError:
+    """One line for what transformers raised while loading `part` (config, tokenizer, weights)."""
     text = " ".join(str(exc).split())
     if "trust_remote_code" in text:
         return ModelError(
