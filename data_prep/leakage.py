@@ -19,7 +19,7 @@ from data_prep.output import check_output, tool_main, write_jsonl
 from trainer.config import STSEvalConfig
 from trainer.data.beir import read_queries, read_qrels
 from trainer.data.errors import DataError
-from trainer.data.readers import load_table, utf8_problem
+from trainer.data.readers import load_table
 
 _PUNCTUATION = re.compile(r"[^\w\s]", re.UNICODE)
 _SPACES = re.compile(r"\s+")
@@ -47,10 +47,8 @@ def sts_eval_sentences(path: str) -> dict[str, str]:
 
     try:
         first, second, _ = read_sts(STSEvalConfig(kind="sts", name="sts", path=path))
-    except DataError:
-        raise
-    except ValueError as exc:  # not UTF-8, or a score that is not a number
-        raise DataError(f"--eval-sts {utf8_problem(path) or f'{path}: cannot read: {exc}'}") from None
+    except DataError as exc:
+        raise DataError(f"--eval-sts {exc}") from None
     return {normalise(t): f"{path} pair {i % len(first) + 1}" for i, t in enumerate(first + second)}
 
 

@@ -78,7 +78,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     missing = check_paths(recipe)
     if missing:
         hint = ""
-        if "# Before:" in Path(args.recipe).read_text():
+        data_missing = any(line.startswith(("data.", "evaluation.")) for line in missing)
+        if data_missing and "# Before:" in Path(args.recipe).read_text(encoding="utf-8", errors="replace"):
             hint = "; the recipe's first lines give the command (# Before:) that makes its data, run it first"
         raise RecipeError(f"{args.recipe}: " + "; ".join(missing) + hint)
     train(recipe, resume=args.resume)

@@ -181,6 +181,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
             f"{accelerator.num_processes} process(es) x {training.gradient_accumulation_steps} accumulation steps; "
             "add data or lower data.batch_size"
         )
+    evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)  # reads the sets
     if preemption.should_stop(accelerator):
         raise Preempted(preemption.name, 0, None)
     create_run_dir(recipe, folder, accelerator)
@@ -224,7 +225,6 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
         # batches come from our own sampler, so DeepSpeed cannot infer the micro-batch size
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
     encoder, optimizer = accelerator.prepare(encoder, optimizer)
-    evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)
     metrics_log = MetricsLog(accelerator, run_dir / METRICS_FILE)
 
     state = TrainState(shape=asdict(shape))

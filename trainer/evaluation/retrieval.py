@@ -30,7 +30,8 @@ class RetrievalEvaluator:
     def __init__(self, config: RetrievalEvalConfig) -> None:
         self.config = config
         self.data: BeirSet = read_beir(config.path, config.split)
-        query_ids = [q for q in self.data.qrels if q in self.data.queries]
+        # only queries with a relevant document count in the metrics (and in max_queries)
+        query_ids = [q for q, docs in self.data.qrels.items() if q in self.data.queries and any(r > 0 for r in docs.values())]
         if config.max_queries is not None:
             query_ids = query_ids[: config.max_queries]
         self.query_ids = query_ids

@@ -21,9 +21,13 @@ def read_sts(config: STSEvalConfig) -> tuple[list[str], list[str], list[float]]:
     s1, s2, scores = [], [], []
     if config.format == "stsb":
         # genre, file, year, id, score, sentence1, sentence2 [, extra]; tabs, no quoting
-        with path.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, start=1):
-                parts = line.rstrip("\n").split("\t")
+        with path.open("rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}, line {line_no}: not UTF-8 text ({exc.reason})") from None
+                parts = line.rstrip("\r\n").split("\t")
                 if len(parts) < 7:
                     raise DataError(f"{path}, line {line_no}: expected at least 7 tab-separated fields")
                 try:
@@ -32,11 +36,21 @@ def read_sts(config: STSEvalConfig) -> tuple[list[str], list[str], list[float]]:
                     raise DataError(f"{path}, line {line_no}: score {parts[4]!r} is not a number") from None
                 s1.append(parts[5])
                 s2.append(parts[6])
+        if not scores:
+            raise DataError(f"{path}: no sentence pairs (the file is empty)")
         return s1, s2, scores
-    if config.format == "jsonl":
-        table = pd.read_json(path, lines=True)
-    else:
-        table = pd.read_csv(path, sep="\t" if config.format == "tsv" else ",", quoting=csv.QUOTE_MINIMAL)
+    try:
+        if config.format == "jsonl":
+            table = pd.read_json(path, lines=True)
+        else:
+            table = pd.read_csv(path, sep="\t" if config.format == "tsv" else ",", quoting=csv.QUOTE_MINIMAL)
+    except (ValueError, pd.errors.ParserError) as exc:  # not UTF-8, bad JSON or csv, empty
+        from trainer.data.readers import first_problem
+
+        problem = first_problem([path], config.format)  # names the line
+        raise DataError(problem or f"{path}: cannot read as {config.format}: {str(exc).splitlines()[0]}") from None
+    if table.empty:
+        raise DataError(f"{path}: no rows, no sentence pairs")
     for column in (config.sentence1_column, config.sentence2_column, config.score_column):
         if column not in table.columns:
             raise DataError(f"{path}: missing column '{column}' (columns: {list(table.columns)})")
