@@ -46,6 +46,10 @@ def text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 raise DataError(f"{path}, line {line_no}: not UTF-8 text ({exc.reason} at byte {exc.start + 1})") from None
 
 
+JSON_KINDS = {str: "text", bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
+"""How a JSON value's type is named in messages."""
+
+
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) of every non-blank line; a `DataError` names the file and line of
     the first that is not UTF-8, not JSON or not an object."""
@@ -57,7 +61,7 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}, line {line_no}: invalid JSON: {exc.msg} (column {exc.colno})") from None
         if not isinstance(row, dict):
-            raise DataError(f"{path}, line {line_no}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{path}, line {line_no}: expected a JSON object, got {JSON_KINDS.get(type(row), 'null')}")
         yield line_no, row
 
 

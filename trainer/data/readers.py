@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer.config import BeirSource, PairsSource, TrainSource
-from trainer.data.beir import read_beir, text_lines
+from trainer.data.beir import JSON_KINDS, jsonl_rows, read_beir, text_lines
 from trainer.data.errors import DataError
 from trainer.data.examples import Example
 from trainer.data.training_set import TextKeys, TrainingSet, text_key
@@ -133,29 +133,16 @@ def first_problem(files: list[Path], fmt: str) -> str | None:
     return None
 
 
-_JSON_KINDS = {str: "text", bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object"}
-
-
 def _jsonl_problem(path: Path) -> str | None:
-    import json
-
     first_kind: dict[str, tuple[str, int]] = {}
     rows = 0
     try:
-        for line_no, line in text_lines(path):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                return f"{path}, line {line_no}: invalid JSON: {exc.msg} (column {exc.colno})"
-            if not isinstance(row, dict):
-                return f"{path}, line {line_no}: expected a JSON object, got {_JSON_KINDS.get(type(row), 'null')}"
+        for line_no, row in jsonl_rows(path):
             rows += 1
             for key, value in row.items():
                 if value is None:
                     continue
-                kind = _JSON_KINDS[type(value)]
+                kind = JSON_KINDS[type(value)]
                 seen = first_kind.setdefault(key, (kind, line_no))
                 if seen[0] != kind:
                     return f"{path}, line {line_no}: field '{key}' is {kind}, but on line {seen[1]} it is {seen[0]}"
