@@ -27,7 +27,7 @@ from trainer.model.encoder import Encoder
 STATE_FILE = "trainer_state.json"
 COMPLETE_FILE = "COMPLETE"
 """Written and synced after everything else; a folder without it is not a checkpoint."""
-_FOLDER = re.compile(r"^(step|\.tmp_step|\.old_step)_(\d+)$")
+_FOLDER = re.compile(r"^(step|\.tmp_step|\.old_step|\.trash_step)_(\d+)$")
 _SAFE_PICKLES = re.compile(r"^random_states_\d+\.pkl$")
 """Accelerate's RNG states: read with weights_only=True (numbers and arrays only)."""
 
@@ -104,7 +104,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def has_progress(run_dir: Path) -> bool:
     """Any complete checkpoint, including one left aside by an interrupted save."""
-    return any(is_complete(path) for _, _, path in _folders(run_dir))
+    return any(is_complete(path) for _, prefix, path in _folders(run_dir) if prefix != ".trash_step")
+
+
+def legacy_checkpoints(run_dir: Path) -> list[Path]:
+    """`step_N` folders without the marker: written by embtrain before saves were atomic (a
+    `step_N` of this version always has it, since the folder gets its name only when complete)."""
+    return [
+        path for _, prefix, path in _folders(run_dir)
+        if prefix == "step" and not is_complete(path) and (path / STATE_FILE).is_file()
+    ]
 
 
 def find_resume_point(run_dir: Path) -> tuple[Path | None, list[str]]:
@@ -113,7 +122,10 @@ def find_resume_point(run_dir: Path) -> tuple[Path | None, list[str]]:
     notes: list[str] = []
     best: tuple[int, int, Path] | None = None
     rank = {"step": 2, ".tmp_step": 1, ".old_step": 0}  # at the same step: in place, new, old
-    for step, prefix, path in _folders(run_dir):
+    folders = _folders(run_dir)
+    for step, prefix, path in folders:
+        if prefix == ".trash_step":
+            continue
         if not is_complete(path):
             notes.append(f"skipped {path.name}: incomplete (no {COMPLETE_FILE} marker; a save was interrupted)")
             continue
@@ -129,7 +141,27 @@ def find_resume_point(run_dir: Path) -> tuple[Path | None, list[str]]:
         path.rename(final)
         _sync_dir(run_dir)
         notes.append(f"recovered {final.name} from {path.name}, left complete by an interrupted save")
+    for _, prefix, leftover in folders:  # temporary, set-aside and half-deleted folders of earlier saves
+        if prefix != "step" and leftover != path and leftover.exists():
+            shutil.rmtree(leftover)
+    notes += _recover_best(run_dir)
     return final, notes
+
+
+def _recover_best(run_dir: Path) -> list[str]:
+    """`best/` back in place if a kill came between moving the old one aside and installing the new."""
+    best, new, old = run_dir / "best", run_dir / ".tmp_best", run_dir / ".old_best"
+    if best.exists():
+        return []
+    for candidate in (new, old):
+        if is_marked(candidate):
+            candidate.rename(best)
+            return [f"recovered best/ from {candidate.name}, left by an interrupted save"]
+    return []
+
+
+def is_marked(folder: Path) -> bool:
+    return (folder / COMPLETE_FILE).is_file()
 
 
 def _sync_tree(folder: Path) -> None:
@@ -189,13 +221,16 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "accelerate"))
     full_state = accelerator.get_state_dict(encoder)  # collective when parameters are sharded
+    accelerator.wait_for_everyone()  # every process has written its files (RNG states, shards)
     if accelerator.is_main_process:
         accelerator.unwrap_model(encoder).save_pretrained(tmp / "model", state_dict=full_state)
         (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         _finish(tmp, final, state.step)
         if keep_last is not None:
             for old in step_checkpoints(run_dir)[:-keep_last]:
-                shutil.rmtree(old)
+                trash = old.with_name(f".trash_{old.name}")  # renamed first: never a half-deleted step_N
+                old.rename(trash)
+                shutil.rmtree(trash)
     accelerator.wait_for_everyone()
     return final
 
@@ -239,5 +274,4 @@ def save_best(
         shutil.rmtree(tmp)
     encoder.save_pretrained(tmp, state_dict=full_state)
     (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-    _sync_tree(tmp)
-    _install(tmp, run_dir / "best")
+    _finish(tmp, run_dir / "best", step)

@@ -15,7 +15,7 @@ class Preempted(Exception):
     def __init__(self, signal_name: str, step: int, checkpoint: str | None) -> None:
         if checkpoint is None:
             message = (
-                f"stopped by {signal_name} before the first step; nothing to save; "
+                f"stopped by {signal_name} before training started; nothing new to save; "
                 "run the same command again (with --resume, as a resubmitted job does)"
             )
         else:

@@ -78,7 +78,7 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with self.path.open("a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
-        self.accelerator.log(values, step=step)
+        self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
 
 
 def flat_config(tree: dict) -> dict[str, str | int | float | bool]:
@@ -90,21 +90,32 @@ class NonFiniteGuard:
     """Skips the update of a step whose gradient norm is NaN or infinite, without a host sync:
     the fused AdamW kernel reads the flag on the device and leaves weights and moments alone.
     The flags are read once per logging interval (a sync that happens there anyway), counted, and
-    turned into a stop after `max_consecutive` in a row (`skip`) or the first (`stop`)."""
+    turned into a stop after `max_consecutive` in a row (`skip`) or the first (`stop`).
 
-    def __init__(self, mode: str, max_consecutive: int, optimizer: torch.optim.Optimizer, state: TrainState) -> None:
+    With fp16 the loss scaler skips overflowing steps itself, and overflows are routine while it
+    calibrates; a step counts here only once the scale has collapsed below 1. Under DeepSpeed the
+    engine owns the optimiser step, and the guard is off."""
+
+    def __init__(
+        self, mode: str, max_consecutive: int, optimizer: torch.optim.Optimizer, state: TrainState, accelerator: Accelerator
+    ) -> None:
         self.mode = mode
         self.max_consecutive = 1 if mode == "stop" else max_consecutive
+        self.enabled = accelerator.state.deepspeed_plugin is None
+        self.scaler = accelerator.scaler
         self.inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
-        self.can_skip = bool(self.inner.defaults.get("fused"))
+        self.can_skip = self.enabled and self.scaler is None and bool(getattr(self.inner, "defaults", {}).get("fused"))
         self.state = state
         self.run: list[tuple[int, int, int]] = []  # (step, epoch, batch) of the current non-finite run
         self.pending: list[tuple[torch.Tensor, int, int, int]] = []  # (flag, step, epoch, batch)
 
     def before_step(self, grad_norm: torch.Tensor | None, step: int, epoch: int, batch: int) -> None:
-        if grad_norm is None:  # DeepSpeed clips and checks inside its engine
+        if not self.enabled or not isinstance(grad_norm, torch.Tensor):
             return
-        flag = (~torch.isfinite(grad_norm)).float().reshape(())
+        flag = ~torch.isfinite(grad_norm)
+        if self.scaler is not None:
+            flag = flag & (self.scaler._scale < 1.0)  # a device tensor: no sync
+        flag = flag.float().reshape(())
         if self.can_skip:
             self.inner.found_inf = flag
         self.pending.append((flag, step, epoch, batch))
@@ -159,6 +170,8 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     set_seed(recipe.seed)
     folder = check_run_dir(recipe, resume)
     run_dir = folder.path
+    if folder.note:
+        accelerator.print(folder.note)
 
     # ---------------------------------------------------------------- data and model
     examples = read_training_data(recipe.data.train, recipe.data.num_negatives)
@@ -276,9 +289,10 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     encoder.train()
     cross_device = training.cross_device_negatives and accelerator.num_processes > 1
     started, pairs_timed = time.perf_counter(), 0
-    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0  # means per logging interval
+    # means of the finite losses per logging interval, summed on the device
+    loss_sum, loss_count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
     part_sums: dict[str, torch.Tensor] = {}
-    nonfinite = NonFiniteGuard(training.nonfinite, training.nonfinite_max_consecutive, optimizer, state)
+    nonfinite = NonFiniteGuard(training.nonfinite, training.nonfinite_max_consecutive, optimizer, state, accelerator)
 
     def check_nonfinite() -> None:
         run = nonfinite.settle()
@@ -314,10 +328,11 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
             pairs_timed += batch.size * accelerator.num_processes
-            loss_sum += loss.detach()
+            finite = torch.isfinite(loss)
+            loss_sum += torch.where(finite, loss, 0.0)
             for name, value in parts.items():
-                part_sums[name] = part_sums.get(name, 0) + value.detach()
-            loss_count += 1
+                part_sums[name] = part_sums.get(name, 0) + torch.where(finite, value, 0.0)
+            loss_count += finite
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
@@ -328,14 +343,17 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
                 # one host sync per logging interval, not per step
                 check_nonfinite()
                 pairs_per_s = pairs_timed / (time.perf_counter() - started)
-                logged = {"loss": (loss_sum / loss_count).item(), "lr": scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s}
+                count = loss_count.item()
+                mean = lambda total: (total / count).item() if count else None  # noqa: E731 - null: all non-finite
+                logged = {"loss": mean(loss_sum), "lr": scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s}
                 if len(part_sums) > 1:
-                    logged.update({f"loss/{k}": (v / loss_count).item() for k, v in part_sums.items()})
+                    logged.update({f"loss/{k}": mean(v) for k, v in part_sums.items()})
                 if state.nonfinite_steps:
                     logged["nonfinite_steps"] = state.nonfinite_steps
-                loss_sum, loss_count, part_sums = torch.zeros((), device=accelerator.device), 0, {}
+                loss_sum, loss_count, part_sums = torch.zeros_like(loss_sum), torch.zeros_like(loss_count), {}
                 metrics_log.write(state.step, logged)
-                progress.set_postfix(loss=f"{logged['loss']:.4f}", lr=f"{logged['lr']:.2e}", pairs_s=f"{pairs_per_s:.1f}")
+                shown = float("nan") if logged["loss"] is None else logged["loss"]
+                progress.set_postfix(loss=f"{shown:.4f}", lr=f"{logged['lr']:.2e}", pairs_s=f"{pairs_per_s:.1f}")
             done = state.step >= total_steps
             every = recipe.evaluation.every_steps
             if every and state.step % every == 0 and not done and recipe.evaluation.sets:
@@ -357,8 +375,10 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
         else:
             state.epoch += 1
             state.batch_in_epoch = 0
-    progress.close()
     check_nonfinite()
+    if preemption.should_stop(accelerator):  # a signal during the last step: save before the final evaluation
+        raise stop(saved_at)
+    progress.close()
 
     # ---------------------------------------------------------------- finish
     if recipe.evaluation.at_end and recipe.evaluation.sets:

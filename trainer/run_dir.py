@@ -19,7 +19,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from trainer.checkpoint import has_progress
+from trainer.checkpoint import has_progress, legacy_checkpoints
 from trainer.config import Recipe, RecipeError, _plain, load_recipe, recipe_to_yaml
 from trainer.errors import RunError
 
@@ -39,10 +39,16 @@ CHANGEABLE_ON_RESUME = (
     "evaluation.at_end",
     "checkpointing.every_steps",
     "checkpointing.keep_last",
+    "checkpointing.save_best",
     "logging",
+    "model.gradient_checkpointing",
+    "training.grad_cache_chunk_size",
+    "data.train.*.path",
 )
-"""Keys (and everything under them) that `--resume` may change: how long to train, how often to
-evaluate, save and log. With more steps, the learning-rate schedule is stretched to the new end."""
+"""Keys (and everything under them; `*` is any list index) that `--resume` may change: how long to
+train, how often to evaluate, save and log, and what does not change the result (gradient
+checkpointing, the cached loss, the path to the same data: the checkpoint's data fingerprint
+refuses other data). With more steps, the learning-rate schedule is stretched to the new end."""
 
 _LOCATION = ("run_name", "checkpointing.output_dir")
 """Where the run is; the run was found there, so they are not compared."""
@@ -66,7 +72,22 @@ def flat_config(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _changeable(key: str) -> bool:
-    return any(key == safe or key.startswith(safe + ".") for safe in CHANGEABLE_ON_RESUME)
+    parts = key.split(".")
+    for safe in CHANGEABLE_ON_RESUME:
+        pattern = safe.split(".")
+        if len(parts) >= len(pattern) and all(p == "*" and k.isdigit() or p == k for p, k in zip(pattern, parts)):
+            return True
+    return False
+
+
+def _same_model(before: Any, now: Any) -> bool:
+    """`model.name_or_path` spelled differently (relative or absolute) for the same folder."""
+    from trainer.model.encoder import resolve_model_path
+
+    try:
+        return Path(resolve_model_path(str(before))).resolve() == Path(resolve_model_path(str(now))).resolve()
+    except (OSError, RuntimeError):
+        return False
 
 
 @dataclass
@@ -74,6 +95,8 @@ class RunFolder:
     path: Path
     resume: bool
     """A complete checkpoint exists and the run continues from it."""
+    note: str | None = None
+    """A line for the user (printed once, by the main process)."""
     changes: dict[str, list] = field(default_factory=dict)
     """Changed settings on resume: dotted key to [before, now]."""
 
@@ -120,6 +143,8 @@ def recipe_changes(run_dir: Path, recipe: Recipe) -> dict[str, list]:
     for key in sorted(set(before) | set(now)):
         if key in _LOCATION or before.get(key) == now.get(key):
             continue
+        if key == "model.name_or_path" and _same_model(before.get(key), now.get(key)):
+            continue
         changes[key] = [before.get(key), now.get(key)]
     refused = [key for key in changes if not _changeable(key)]
     if refused:
@@ -138,9 +163,15 @@ def check_run_dir(recipe: Recipe, resume: bool) -> RunFolder:
     run_dir = Path(recipe.checkpointing.output_dir) / recipe.run_name
     _check_writable(run_dir)
     if not has_progress(run_dir):
-        if resume and run_dir.exists():
-            print(f"--resume: no complete checkpoint in {run_dir}; starting from step 0")
-        return RunFolder(run_dir, resume=False)
+        legacy = legacy_checkpoints(run_dir)
+        if legacy:
+            raise RunError(
+                f"{run_dir} holds checkpoints of an earlier embtrain version ({legacy[-1].name}, without the "
+                "COMPLETE marker of atomic saves), which cannot be resumed; start a new run with "
+                "run_name=NEW_NAME, or move them away"
+            )
+        note = f"--resume: no complete checkpoint in {run_dir}; starting from step 0" if resume and run_dir.exists() else None
+        return RunFolder(run_dir, resume=False, note=note)
     if not resume:
         raise RunError(
             f"{run_dir} already holds checkpoints; pass --resume to continue that run "

@@ -89,3 +89,48 @@ def test_run_shape_names_every_difference():
         "world_size: 2 in the checkpoint, 4 now",
         "gradient_accumulation_steps: 1 in the checkpoint, 2 now",
     ]
+
+
+def test_leftovers_are_cleared_and_best_is_recovered(tmp_path):
+    fake_checkpoint(tmp_path, "step_4", 4)
+    fake_checkpoint(tmp_path, ".trash_step_2", 2)  # killed while pruning
+    fake_checkpoint(tmp_path, ".tmp_step_6", 6, complete=False)
+    fake_checkpoint(tmp_path, ".old_step_4", 4, tag="stale")
+    fake_checkpoint(tmp_path, ".tmp_best", 4, tag="best")  # killed between moving best aside and installing
+    checkpoint, notes = find_resume_point(tmp_path)
+    assert checkpoint == tmp_path / "step_4" and tag_of(checkpoint) == "step_4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "step_4"]
+    assert tag_of(tmp_path / "best") == "best" and notes[-1].startswith("recovered best/ from .tmp_best")
+
+
+def test_checkpoints_of_an_earlier_version_are_refused_not_overwritten(tmp_path):
+    from trainer.config import load_recipe
+    from trainer.errors import RunError
+    from trainer.run_dir import check_run_dir
+
+    run_dir = tmp_path / "runs" / "old"
+    fake_checkpoint(run_dir, "step_50", 50, complete=False)  # trainer_state.json, no COMPLETE
+    (run_dir / "metrics.jsonl").write_text('{"step": 50, "loss": 1.0}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"run_name: old\nmodel: {{name_or_path: m}}\ndata: {{train: [{{kind: pairs, path: p.jsonl}}]}}\n"
+        f"checkpointing: {{output_dir: {tmp_path / 'runs'}}}\n"
+    )
+    for resume in (False, True):
+        with pytest.raises(RunError, match="checkpoints of an earlier embtrain version \\(step_50"):
+            check_run_dir(load_recipe(recipe), resume)
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 50, "loss": 1.0}\n'
+
+
+@pytest.mark.parametrize(
+    "key, changeable",
+    [
+        ("training.max_steps", True), ("evaluation.sets.1.path", True), ("data.train.0.path", True),
+        ("data.train.0.kind", False), ("data.train.x.path", False), ("optimizer.lr", False),
+        ("model.gradient_checkpointing", True), ("model.pooling", False), ("logging.log_every_steps", True),
+    ],
+)
+def test_which_settings_may_change_on_resume(key, changeable):
+    from trainer.run_dir import _changeable
+
+    assert _changeable(key) is changeable

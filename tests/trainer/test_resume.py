@@ -133,7 +133,7 @@ def test_signal_before_the_first_step_saves_nothing(tmp_path, tiny_model, pairs_
     monkeypatch.setattr(loop, "read_training_data", read_then_signal)
     recipe = write_recipe(tmp_path, tiny_model, pairs_file)
     assert main(["train", str(recipe)]) == 75
-    assert "stopped by SIGTERM before the first step; nothing to save" in capsys.readouterr().err
+    assert "stopped by SIGTERM before training started; nothing new to save" in capsys.readouterr().err
     assert not list((tmp_path / "runs").glob("r/step_*"))
 
 
@@ -164,7 +164,7 @@ def test_signal_during_an_evaluation_saves_and_resume_finishes(tmp_path, tiny_mo
         train(load_recipe(recipe, overrides))
     run_dir = tmp_path / "runs" / "r"
     if during == "start":
-        assert "before the first step" in str(stopped.value)
+        assert "before training started" in str(stopped.value)
         assert not list(run_dir.glob("step_*"))
     else:
         step = 3 if during == "middle" else 4
@@ -284,3 +284,55 @@ def test_a_planted_pickle_in_a_checkpoint_is_never_loaded(tmp_path, tiny_model, 
     with pytest.raises(RunError, match="cannot load the checkpoint: UnpicklingError"):
         train(load_recipe(recipe, ["training.max_steps=4"]), resume=True)
     assert not marker.exists()
+
+
+def test_signal_during_the_last_step_saves_before_the_final_evaluation(tmp_path, tiny_model, pairs_file, tiny_beir, monkeypatch):
+    recipe = write_recipe(tmp_path, tiny_model, pairs_file, f"evaluation: {{sets: [{{kind: retrieval, name: t, path: {tiny_beir}}}], at_start: false}}\n")
+    plain = loop.plain_step
+    calls = []
+
+    def step(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            send_self()
+        return plain(*args)
+
+    monkeypatch.setattr(loop, "plain_step", step)
+    evaluated = []
+    run = loop.EvalRunner.run
+    monkeypatch.setattr(loop.EvalRunner, "run", lambda self, *a, **k: evaluated.append(1) or run(self, *a, **k))
+    with pytest.raises(Preempted, match="at step 4 after saving"):
+        train(load_recipe(recipe, ["checkpointing.every_steps=null"]))
+    assert evaluated == []  # stopped before the final evaluation
+    run_dir = tmp_path / "runs" / "r"
+    assert json.loads((run_dir / "step_4" / "trainer_state.json").read_text())["finished"] is False
+    monkeypatch.undo()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    metrics = train(load_recipe(recipe, ["checkpointing.every_steps=null"]), resume=True)  # only the final evaluation
+    assert "t/ndcg@10" in metrics
+    assert json.loads((run_dir / "step_4" / "trainer_state.json").read_text())["finished"] is True
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith((".", "step_"))) == ["step_4"]
+
+
+def test_the_guard_leaves_loss_scaler_overflows_to_the_scaler_and_is_off_under_deepspeed():
+    from types import SimpleNamespace
+
+    from trainer.checkpoint import TrainState
+    from trainer.loop import NonFiniteGuard
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], fused=True)
+    scaler = SimpleNamespace(_scale=torch.tensor(65536.0))
+    fp16 = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None), scaler=scaler)
+    guard = NonFiniteGuard("stop", 10, optimizer, TrainState(), fp16)
+    guard.before_step(torch.tensor(float("inf")), 1, 0, 1)  # a routine overflow while calibrating
+    assert guard.settle() == [] and not hasattr(optimizer, "found_inf")  # the scaler sets its own
+    scaler._scale = torch.tensor(0.5)  # the scale collapsed: the gradients are broken
+    guard.before_step(torch.tensor(float("inf")), 2, 0, 2)
+    assert guard.settle() == [(2, 0, 2)]
+
+    deepspeed = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=object()), scaler=None)
+    guard = NonFiniteGuard("stop", 10, optimizer, TrainState(), deepspeed)
+    guard.before_step(float("nan"), 1, 0, 1)  # the engine returns a float norm
+    assert guard.settle() == []
