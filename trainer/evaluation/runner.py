@@ -43,8 +43,8 @@ class EvalRunner:
         """Every set's metrics, the same on every process; all processes must call it.
 
         `encoder` is the prepared model. Each process embeds a share of the texts (so that sharded
-        parameters take part in every forward pass) and scores the gathered embeddings; the main
-        process's numbers are then sent to all. With `cached`, the main process looks the values
+        parameters take part in every forward pass); the main process gathers and scores them and
+        sends its numbers to all. With `cached`, the main process looks the values
         up and tells the others, so that all skip, or all run, each set."""
         text_encoder = ShardedEncoder(accelerator, accelerator.unwrap_model(encoder), forward_module(encoder))
         metrics: dict[str, float] = {}

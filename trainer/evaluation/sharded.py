@@ -49,7 +49,7 @@ class ShardedEncoder:
     def encode(
         self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None
     ) -> torch.Tensor:
-        """Embeddings (N, H) in float32 on the CPU, the same on every process."""
+        """Embeddings (N, H) in float32 on the CPU on the main process (zeros on the others)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         progress = progress if self.accelerator.is_main_process else None
         options = {"is_query": is_query, "batch_size": batch_size, "progress": progress}
@@ -68,11 +68,20 @@ class ShardedEncoder:
         return self._gather(local)[: len(texts)]
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
-        """(share, H) from each process to (world * share, H) in process order."""
+        """(share, H) from each process to (world * share, H) in process order, on the main
+        process only: the others get zeros that take no memory (a stride-0 view), since only the
+        main process's metrics are kept; every process holding the whole corpus could exhaust a node."""
+        import torch.distributed as dist
+
         world, (share, dim) = self.accelerator.num_processes, local.shape
-        out = torch.empty(world, share, dim)
+        main = self.accelerator.is_main_process
+        out = torch.empty(world, share, dim) if main else None
         for start in range(0, share, GATHER_ROWS):  # the same count on every process
-            block = local[start : start + GATHER_ROWS].to(self.accelerator.device)
-            gathered = self.accelerator.gather(block).cpu()  # (world * rows, H)
-            out[:, start : start + block.shape[0]] = gathered.view(world, block.shape[0], dim)
+            block = local[start : start + GATHER_ROWS].to(self.accelerator.device).contiguous()
+            parts = [torch.empty_like(block) for _ in range(world)] if main else None
+            dist.gather(block, parts, dst=0)
+            if main:
+                out[:, start : start + block.shape[0]] = torch.stack(parts).cpu()
+        if not main:
+            return torch.zeros(1, dim).expand(world * share, dim)
         return out.view(world * share, dim)
