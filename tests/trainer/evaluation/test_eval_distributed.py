@@ -81,7 +81,7 @@ evaluation:
 checkpointing:
   output_dir: {folder / 'runs'}
 """
-    path = folder / "recipe.yaml"
+    path = folder / f"recipe-{os.getpid()}.yaml"  # one per process: the ranks must not read each other's half-written file
     path.write_text(text)
     return load_recipe(path)
 
