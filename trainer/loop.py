@@ -99,7 +99,6 @@ class NonFiniteGuard:
     def __init__(
         self, mode: str, max_consecutive: int, optimizer: torch.optim.Optimizer, state: TrainState, accelerator: Accelerator
     ) -> None:
-        self.mode = mode
         self.max_consecutive = 1 if mode == "stop" else max_consecutive
         self.enabled = accelerator.state.deepspeed_plugin is None
         self.scaler = accelerator.scaler

@@ -41,13 +41,18 @@ def check_global_batches(rows, samplers, batch_size):
         assert all(len(b) == batch_size for batches in per_rank for b in batches)
     for step in zip(*per_rank):
         batch = [i for b in step for i in b]
-        queries = [rows[i].query for i in batch]
-        positives = [rows[i].positive for i in batch]
-        negatives = {n for i in batch for n in rows[i].negatives}
-        assert len(set(queries)) == len(queries)
-        assert len(set(positives)) == len(positives)
-        assert not negatives & set(positives)
+        assert_no_repeats(rows, batch)
     return [list(step) for step in zip(*per_rank)]
+
+
+def assert_no_repeats(rows, batch: list[int]) -> None:
+    """No query twice, no positive twice, no positive among the batch's hard negatives."""
+    queries = [rows[i].query for i in batch]
+    positives = [rows[i].positive for i in batch]
+    negatives = {n for i in batch for n in rows[i].negatives}
+    assert len(set(queries)) == len(queries)
+    assert len(set(positives)) == len(positives)
+    assert not negatives & set(positives)
 
 
 def test_no_batch_repeats_a_query_or_a_positive():
@@ -57,12 +62,7 @@ def test_no_batch_repeats_a_query_or_a_positive():
         sampler.set_epoch(epoch)
         seen = []
         for batch in sampler:
-            queries = [rows[i].query for i in batch]
-            positives = [rows[i].positive for i in batch]
-            negatives = {n for i in batch for n in rows[i].negatives}
-            assert len(set(queries)) == len(queries)
-            assert len(set(positives)) == len(positives)
-            assert not negatives & set(positives)
+            assert_no_repeats(rows, batch)
             seen += batch
         assert len(seen) == len(set(seen))
         assert len(seen) >= len(rows) - 1  # at most a lone leftover waits for the next epoch
