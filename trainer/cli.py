@@ -35,7 +35,7 @@ def check_paths(recipe) -> list[str]:
         if not isinstance(source, PairsSource):
             continue
         columns = peek_columns(source.path, source.format)
-        for key in ("query_column", "positive_column", "negatives_column"):
+        for key in ("query_column", "positive_column", "negatives_column", "teacher_scores_column"):
             wanted = getattr(source, key)
             if columns is not None and wanted is not None and wanted not in columns:
                 missing.append(f"data.train.{i}.{key}: {source.path} has no column '{wanted}' (columns: {columns})")
@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from trainer.evaluation import build_evaluator
+    from trainer.evaluation import build_evaluator, evaluate_set
     from trainer.model.encoder import Encoder, SequenceLengthError, embedding_config
 
     config = embedding_config(args.model, args.trust_remote_code)
@@ -122,9 +122,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SequenceLengthError(f"--max-seq-length: {exc}" if args.max_seq_length else str(exc)) from None
     if device is not None:
         encoder.to(device)
+    if args.dims and max(args.dims) > encoder.dim:
+        raise RecipeError(f"--dims: {max(args.dims)} is more than the model's {encoder.dim} dimensions")
+    if config.embedding_dim is not None:
+        print(f"{args.model}: embeddings cut to {config.embedding_dim} dimensions (saved with the model)", file=sys.stderr)
     metrics = {}
     for eval_set, evaluator in zip(eval_sets, evaluators):
-        values = evaluator(encoder)
+        values = evaluate_set(evaluator, encoder, args.dims or [], config.normalize)
         metrics.update(values if len(eval_sets) == 1 else {f"{eval_set.name}/{k}": v for k, v in values.items()})
     if args.json:
         print(json.dumps(metrics))
@@ -242,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--query-prompt", help="override the saved query prompt")
     evaluate.add_argument("--document-prompt", help="override the saved document prompt")
     evaluate.add_argument("--no-normalize", action="store_true", help="do not L2-normalise embeddings")
+    evaluate.add_argument(
+        "--dims", type=positive_int, nargs="+", help="also report each metric with embeddings cut to these sizes (@dimN)"
+    )
     evaluate.add_argument("--device", help="e.g. cuda or cpu (default: cpu)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     evaluate.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)

@@ -46,10 +46,15 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Let a model whose config names its own Python code (`auto_map`) run that code. Only for
     models you trust; never read from a saved model folder, only from the recipe or a flag."""
+    embedding_dim: int | None = None
+    """Keep only the first N dimensions of every embedding (re-normalised when `normalize`): a
+    Matryoshka model cut to size. Read from a folder exported with `--dim`; null: all of them."""
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 1:
             raise FieldError("max_seq_length", f"must be >= 1, got {self.max_seq_length}")
+        if self.embedding_dim is not None and self.embedding_dim < 1:
+            raise FieldError("embedding_dim", f"must be >= 1 or null, got {self.embedding_dim}")
 
 
 # ----------------------------------------------------------------------------- data
@@ -71,6 +76,10 @@ class SourceOptions:
     """Query prefix for this source's pairs, instead of model.query_prompt."""
     document_prompt: str | None = None
     """Document prefix for this source's pairs, instead of model.document_prompt."""
+    in_batch_negatives: bool = True
+    """Score this source's queries against the other pairs' documents too. Turn off for
+    classification-style data (NLI, clustering labels), where another pair's document is often
+    also a positive: its queries then see only their own positive and hard negatives."""
 
     def __post_init__(self) -> None:
         if self.max_examples is not None and self.max_examples < 1:
@@ -94,6 +103,9 @@ class PairsSource(SourceOptions):
     """Column holding the relevant document text."""
     negatives_column: str | None = None
     """Column holding a list of hard-negative texts (jsonl/parquet), if any."""
+    teacher_scores_column: str | None = None
+    """Column holding a teacher's scores: the positive's, then each hard negative's, in order
+    (`teacher_scores`, written by `embtrain prep score`). Losses that distill read them."""
 
 
 @dataclass
@@ -147,23 +159,10 @@ class DataConfig:
 # ----------------------------------------------------------------------------- loss
 
 
-@dataclass
-class InfoNCEConfig:
-    """InfoNCE / multiple-negatives ranking loss over in-batch and hard negatives."""
-
-    kind: Literal["infonce"]
-    weight: float = 1.0
-    """Factor on this term in the total loss."""
-    temperature: float = 0.05
-    """Scores (dot products of the encoder's embeddings, i.e. cosine when model.normalize)
-    are divided by this; 0.05 equals a scale of 20."""
-
-    def __post_init__(self) -> None:
-        if self.temperature <= 0:
-            raise FieldError("temperature", f"must be > 0, got {self.temperature}")
-
-
-LossConfig = InfoNCEConfig
+# Loss kinds live with their implementations in trainer/losses/ (one file each) and register
+# themselves with `LossConfig.registry`; the schema builds `loss:` entries from it.
+from trainer.losses.base import LossConfig  # noqa: E402
+from trainer.losses.infonce import InfoNCEConfig  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -328,14 +327,27 @@ class EvaluationConfig:
     """Evaluate the model before training (cached per model and set)."""
     at_end: bool = True
     """Evaluate the model after the last step."""
+    dims: list[int] = field(default_factory=list)
+    """Also evaluate with embeddings cut to each of these sizes (Matryoshka), re-normalised:
+    metrics are named `<set>/<metric>@dim<N>`, e.g. `scifact/ndcg@10@dim64`. Empty: full size only."""
     metric_for_best: str | None = None
-    """Metric that picks the best checkpoint, e.g. `scifact/ndcg@10`."""
+    """Metric that picks the best checkpoint, e.g. `scifact/ndcg@10` or `scifact/ndcg@10@dim64`."""
     greater_is_better: bool = True
     """Whether a higher metric_for_best is better."""
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and self.every_steps < 1:
             raise FieldError("every_steps", f"must be >= 1 or null (only at start/end), got {self.every_steps}")
+        for i, dim in enumerate(self.dims):
+            if dim < 1:
+                raise FieldError(f"dims.{i}", f"must be >= 1, got {dim}")
+        if len(set(self.dims)) != len(self.dims):
+            raise FieldError("dims", f"lists a size twice: {self.dims}")
+
+
+def dim_suffix(dim: int) -> str:
+    """The suffix of a metric computed on embeddings cut to `dim` dimensions."""
+    return f"@dim{dim}"
 
 
 # ----------------------------------------------------------------------------- checkpoints, logs
@@ -433,7 +445,8 @@ class Recipe:
             raise FieldError("evaluation.sets", f"names must be unique, got {names}")
         best = self.evaluation.metric_for_best
         if best is not None:
-            known = [f"{s.name}/{m}" for s in self.evaluation.sets for m in s.METRICS]
+            suffixes = [""] + [dim_suffix(d) for d in self.evaluation.dims]
+            known = [f"{s.name}/{m}{x}" for s in self.evaluation.sets for m in s.METRICS for x in suffixes]
             if best not in known:
                 close = difflib.get_close_matches(best, known, n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f"; one of {known}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,13 +30,15 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import OptimizerConfig, Recipe, ScheduleConfig
-from trainer.data.collate import Collator
+from trainer.data.collate import Collator, ContrastiveBatch, TextTokenizer
 from trainer.data.readers import read_training_data
 from trainer.data.sampler import NoDuplicatesBatchSampler
+from trainer.data.training_set import TrainingSet
 from trainer.errors import Preempted, RunError
 from trainer.evaluation.runner import EvalRunner
-from trainer.losses import WeightedLoss, build_loss
+from trainer.losses import LossContext, WeightedLoss, build_loss
 from trainer.model.encoder import Encoder
+from trainer.model.frozen import load_frozen
 from trainer.preemption import PreemptionWatch
 from trainer.run_dir import (
     METRICS_FILE,
@@ -49,12 +51,13 @@ from trainer.run_dir import flat_config as flat_recipe
 from trainer.step import cached_step, plain_step
 
 
-def build_optimizer(encoder: Encoder, config: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    encoder: Encoder, config: OptimizerConfig, extra: list[torch.nn.Parameter] | None = None
+) -> torch.optim.Optimizer:
+    """AdamW over the encoder's trainable parameters and `extra` ones (the loss's)."""
     decay, no_decay = [], []
-    for name, param in encoder.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 else decay).append(param)  # biases and norms: no decay
+    for param in [p for p in encoder.parameters() if p.requires_grad] + list(extra or []):
+        (no_decay if param.ndim < 2 else decay).append(param)  # biases, norms, temperatures: no decay
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel per step, and it skips a step flagged non-finite on the device (NonFiniteGuard)
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps, fused=True)
@@ -157,6 +160,33 @@ def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
         return _train(recipe, resume, preemption)
 
 
+@dataclass
+class TrainingData:
+    examples: TrainingSet
+    sampler: NoDuplicatesBatchSampler
+    loader: DataLoader
+    steps_per_epoch: int
+    total_steps: int
+    shape: RunShape
+
+
+@dataclass
+class Model:
+    """What is trained: the encoder and the loss (whose parameters, if any, train too), each
+    prepared by Accelerate, and the frozen encoders the loss reads (not trained, not saved)."""
+
+    encoder: torch.nn.Module
+    loss_fn: torch.nn.Module
+    frozen: dict[str, Encoder]
+    loss_parameters: list[torch.nn.Parameter]
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.encoder.parameters()) + self.loss_parameters
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.encoder] + ([self.loss_fn] if self.loss_parameters else [])
+
+
 def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[str, float]:
     training = recipe.training
     accelerator = Accelerator(
@@ -172,10 +202,166 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     if folder.note:
         accelerator.print(folder.note)
 
-    # ---------------------------------------------------------------- data and model
+    # ---------------------------------------------------------------- setup
     examples = read_training_data(recipe.data.train, recipe.data.num_negatives)
     encoder = Encoder.from_config(recipe.model)
+    loss_fn = build_loss(recipe.loss, LossContext(dim=encoder.dim, normalized=recipe.model.normalize))
+    frozen = {key: load_frozen(config) for key, config in loss_fn.frozen_encoders().items()}
+    data = build_data(recipe, accelerator, examples, build_collator(recipe, encoder, frozen))
+    evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)  # reads the sets
+    if preemption.should_stop(accelerator):
+        raise Preempted(preemption.name, 0, None)
+    create_run_dir(recipe, folder, accelerator)
+    model, optimizer, scheduler = prepare_model(accelerator, recipe, encoder, loss_fn, frozen, data.total_steps)
+    metrics_log = MetricsLog(accelerator, run_dir / METRICS_FILE)
+
+    state = TrainState(shape=asdict(data.shape))
+    if folder.resume:
+        state = resume_from(accelerator, run_dir, data.shape)
+        scheduler.load_state_dict(state.scheduler)
+        if accelerator.is_main_process:
+            truncate_metrics(run_dir / METRICS_FILE, state.step)
+        record_changes(folder, state.step, accelerator)
+        if state.finished and state.step >= data.total_steps:
+            accelerator.print(
+                f"{run_dir} is already finished at step {state.step} of {data.total_steps}; nothing to do "
+                "(raise training.max_steps or training.epochs to train further)"
+            )
+            accelerator.end_training()
+            return {}
+        state.finished = False
+    if recipe.logging.report_to:
+        accelerator.init_trackers(recipe.logging.project, config=flat_config(asdict(recipe)))
+
+    def save() -> Path:
+        state.scheduler = scheduler.state_dict()
+        return save_checkpoint(accelerator, model.encoder, state, run_dir, recipe.checkpointing.keep_last)
+
+    def stop(saved_at: int | None) -> Preempted:
+        """Saves unless this step is saved already (or nothing was trained); closes the run."""
+        checkpoint = None
+        if state.step > 0 or folder.resume:
+            checkpoint = run_dir / f"step_{state.step}" if saved_at == state.step else save()
+        progress.close()
+        accelerator.end_training()
+        return Preempted(preemption.name, state.step, None if checkpoint is None else str(checkpoint))
+
+    accelerator.print(
+        f"{len(examples)} training pairs, {data.steps_per_epoch} steps per epoch, {data.total_steps} steps, "
+        f"batch {recipe.data.batch_size} x {accelerator.num_processes} process(es), run folder {run_dir}"
+    )
+    progress = tqdm(
+        total=data.total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
+    )
+    saved_at = state.step if folder.resume else None
+    if recipe.evaluation.at_start and state.step == 0 and recipe.evaluation.sets:
+        metrics_log.write(0, evals.run(accelerator, model.encoder, cached=True))
+    if preemption.should_stop(accelerator):
+        raise stop(saved_at)
+
+    # ---------------------------------------------------------------- train
+    model.encoder.train()
+    meter = LossMeter(accelerator.device)
+    nonfinite = NonFiniteGuard(training.nonfinite, training.nonfinite_max_consecutive, optimizer, state, accelerator)
+
+    def check_nonfinite() -> None:
+        run = nonfinite.settle()
+        if run:
+            raise nonfinite_error(run, data, sources=recipe.data.train, training=training)
+
+    metrics: dict[str, float] = {}
+    while state.step < data.total_steps:
+        data.sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+        for batch in data.loader:
+            batch = batch.to(accelerator.device)
+            with accelerator.accumulate(*model.modules()):
+                loss, parts = train_step(accelerator, recipe, model, batch)
+                if accelerator.sync_gradients:
+                    max_norm = math.inf if training.max_grad_norm is None else training.max_grad_norm
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                    nonfinite.before_step(grad_norm, state.step + 1, state.epoch, state.batch_in_epoch + 1)
+                optimizer.step()
+                optimizer.zero_grad()
+            state.batch_in_epoch += 1
+            meter.add(loss, parts, batch.size * accelerator.num_processes)
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.step += 1
+            progress.update(1)
+
+            if state.step % recipe.logging.log_every_steps == 0:
+                check_nonfinite()  # one host sync per logging interval, not per step
+                logged = meter.flush(scheduler.get_last_lr()[0], model.loss_fn, state.nonfinite_steps)
+                metrics_log.write(state.step, logged)
+                shown = float("nan") if logged["loss"] is None else logged["loss"]
+                progress.set_postfix(loss=f"{shown:.4f}", lr=f"{logged['lr']:.2e}", pairs_s=f"{logged['pairs_per_s']:.1f}")
+            done = state.step >= data.total_steps
+            every = recipe.evaluation.every_steps
+            if every and state.step % every == 0 and not done and recipe.evaluation.sets:
+                metrics = evals.run(accelerator, model.encoder)
+                metrics_log.write(state.step, metrics)
+                evals.update_best(accelerator, model.encoder, metrics, state)
+                meter.restart_clock()  # throughput counts training only
+            every = recipe.checkpointing.every_steps
+            if every and state.step % every == 0 and not done:
+                check_nonfinite()
+                save()
+                saved_at = state.step
+                meter.restart_clock()
+            if done:
+                break
+            if preemption.should_stop(accelerator):
+                check_nonfinite()
+                raise stop(saved_at)
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    check_nonfinite()
+    if preemption.should_stop(accelerator):  # a signal during the last step: save before the final evaluation
+        raise stop(saved_at)
+    progress.close()
+
+    # ---------------------------------------------------------------- finish
+    if recipe.evaluation.at_end and recipe.evaluation.sets:
+        metrics = evals.run(accelerator, model.encoder)
+        metrics_log.write(state.step, metrics)
+        evals.update_best(accelerator, model.encoder, metrics, state)
+    state.finished = True
+    final = save()
+    if preemption.should_stop(accelerator):
+        accelerator.end_training()
+        raise Preempted(preemption.name, state.step, str(final))
+    accelerator.print(f"saved {final}")
+    if state.nonfinite_steps:
+        accelerator.print(f"warning: {state.nonfinite_steps} step(s) skipped for a NaN or infinite loss or gradient")
+    if state.best_step is not None:
+        accelerator.print(f"best {recipe.evaluation.metric_for_best} {state.best_metric:.4f} at step {state.best_step}")
+    accelerator.end_training()
+    return metrics
+
+
+def build_collator(recipe: Recipe, encoder: Encoder, frozen: dict[str, Encoder]) -> Collator:
+    """Prompts per source for the model; each frozen encoder tokenises with its own tokenizer and prompts."""
     sources = recipe.data.train
+    prompts = [
+        (
+            recipe.model.query_prompt if s.query_prompt is None else s.query_prompt,
+            recipe.model.document_prompt if s.document_prompt is None else s.document_prompt,
+        )
+        for s in sources
+    ]
+    frozen_tokenizers = {
+        key: TextTokenizer(e.tokenizer, e.config.max_seq_length, [(e.config.query_prompt, e.config.document_prompt)])
+        for key, e in frozen.items()
+    }
+    return Collator(
+        encoder.tokenizer, recipe.model.max_seq_length, prompts, [s.in_batch_negatives for s in sources], frozen_tokenizers
+    )
+
+
+def build_data(recipe: Recipe, accelerator: Accelerator, examples: TrainingSet, collator: Collator) -> TrainingData:
+    training, sources = recipe.training, recipe.data.train
     sampler = NoDuplicatesBatchSampler(
         examples.keys,
         recipe.data.batch_size,
@@ -193,18 +379,6 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
             f"{accelerator.num_processes} process(es) x {training.gradient_accumulation_steps} accumulation steps; "
             "add data or lower data.batch_size"
         )
-    evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)  # reads the sets
-    if preemption.should_stop(accelerator):
-        raise Preempted(preemption.name, 0, None)
-    create_run_dir(recipe, folder, accelerator)
-    prompts = [
-        (
-            recipe.model.query_prompt if s.query_prompt is None else s.query_prompt,
-            recipe.model.document_prompt if s.document_prompt is None else s.document_prompt,
-        )
-        for s in sources
-    ]
-    collator = Collator(encoder.tokenizer, recipe.model.max_seq_length, prompts)
     # its own generator: starting an epoch must not draw from the global RNG that dropout uses,
     # or a resumed run would diverge from an uninterrupted one
     loader = DataLoader(
@@ -216,17 +390,30 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     )
     # the sampler trims each epoch to whole accumulation windows: no window spans two epochs
     steps_per_epoch = len(sampler) // training.gradient_accumulation_steps
-    total_steps = training.max_steps or training.epochs * steps_per_epoch
     shape = RunShape(
         world_size=accelerator.num_processes,
         batch_size=recipe.data.batch_size,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         data_fingerprint=examples.keys.fingerprint(),
     )
+    total_steps = training.max_steps or training.epochs * steps_per_epoch
+    return TrainingData(examples, sampler, loader, steps_per_epoch, total_steps, shape)
 
-    # ---------------------------------------------------------------- optimisation
-    loss_fn = build_loss(recipe.loss)
-    optimizer = build_optimizer(encoder, recipe.optimizer)
+
+def prepare_model(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    encoder: Encoder,
+    loss_fn: WeightedLoss,
+    frozen: dict[str, Encoder],
+    total_steps: int,
+) -> tuple[Model, torch.optim.Optimizer, object]:
+    """Optimiser and schedule over the encoder's and the loss's parameters, everything prepared
+    by Accelerate (the loss only when it has parameters: DDP syncs their gradients and
+    `save_state` checkpoints them); frozen encoders are just moved to the device."""
+    training = recipe.training
+    loss_parameters = loss_fn.trainable_parameters()
+    optimizer = build_optimizer(encoder, recipe.optimizer, loss_parameters)
     scheduler = build_schedule(optimizer, recipe.schedule, total_steps)
     if accelerator.state.deepspeed_plugin is not None:
         if training.grad_cache_chunk_size is not None:
@@ -234,168 +421,98 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
                 "training.grad_cache_chunk_size does not work with DeepSpeed, whose engine steps the "
                 "optimiser on every backward pass; use DDP or FSDP (launch/accelerate/) for cached losses"
             )
+        if loss_parameters:
+            raise RunError(
+                "loss terms with parameters (learn_temperature) do not work with DeepSpeed, whose engine takes "
+                "one model; use DDP or FSDP (launch/accelerate/)"
+            )
         # batches come from our own sampler, so DeepSpeed cannot infer the micro-batch size
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = recipe.data.batch_size
-    encoder, optimizer = accelerator.prepare(encoder, optimizer)
-    metrics_log = MetricsLog(accelerator, run_dir / METRICS_FILE)
+    if loss_parameters:
+        encoder, loss_fn, optimizer = accelerator.prepare(encoder, loss_fn, optimizer)
+    else:
+        encoder, optimizer = accelerator.prepare(encoder, optimizer)
+        loss_fn.to(accelerator.device)
+    for frozen_encoder in frozen.values():
+        frozen_encoder.to(accelerator.device)
+    return Model(encoder, loss_fn, frozen, loss_parameters), optimizer, scheduler
 
-    state = TrainState(shape=asdict(shape))
-    if folder.resume:
-        state = resume_from(accelerator, run_dir, shape)
-        scheduler.load_state_dict(state.scheduler)
-        if accelerator.is_main_process:
-            truncate_metrics(run_dir / METRICS_FILE, state.step)
-        record_changes(folder, state.step, accelerator)
-        if state.finished and state.step >= total_steps:
-            accelerator.print(
-                f"{run_dir} is already finished at step {state.step} of {total_steps}; nothing to do "
-                "(raise training.max_steps or training.epochs to train further)"
-            )
-            accelerator.end_training()
-            return {}
-        state.finished = False
-    if recipe.logging.report_to:
-        accelerator.init_trackers(recipe.logging.project, config=flat_config(asdict(recipe)))
 
-    def save() -> Path:
-        state.scheduler = scheduler.state_dict()
-        return save_checkpoint(accelerator, encoder, state, run_dir, recipe.checkpointing.keep_last)
-
-    def stop(saved_at: int | None) -> Preempted:
-        """Saves unless this step is saved already (or nothing was trained); closes the run."""
-        checkpoint = None
-        if state.step > 0 or folder.resume:
-            checkpoint = run_dir / f"step_{state.step}" if saved_at == state.step else save()
-        progress.close()
-        accelerator.end_training()
-        return Preempted(preemption.name, state.step, None if checkpoint is None else str(checkpoint))
-
-    accelerator.print(
-        f"{len(examples)} training pairs, {steps_per_epoch} steps per epoch, {total_steps} steps, "
-        f"batch {recipe.data.batch_size} x {accelerator.num_processes} process(es), run folder {run_dir}"
-    )
-    progress = tqdm(
-        total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
-    )
-    saved_at = state.step if folder.resume else None
-    if recipe.evaluation.at_start and state.step == 0 and recipe.evaluation.sets:
-        metrics = evals.run(accelerator, encoder, cached=True)
-        metrics_log.write(0, metrics)
-    if preemption.should_stop(accelerator):
-        raise stop(saved_at)
-
-    # ---------------------------------------------------------------- train
-    encoder.train()
+def train_step(
+    accelerator: Accelerator, recipe: Recipe, model: Model, batch: ContrastiveBatch
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward of one batch, plain or cached."""
+    training = recipe.training
     cross_device = training.cross_device_negatives and accelerator.num_processes > 1
-    started, pairs_timed = time.perf_counter(), 0
-    # means of the finite losses per logging interval, summed on the device
-    loss_sum, loss_count = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device)
-    part_sums: dict[str, torch.Tensor] = {}
-    nonfinite = NonFiniteGuard(training.nonfinite, training.nonfinite_max_consecutive, optimizer, state, accelerator)
+    options = {"frozen": model.frozen, "normalized": recipe.model.normalize}
+    if training.grad_cache_chunk_size is None:
+        return plain_step(model.encoder, model.loss_fn, batch, accelerator.backward, cross_device, **options)
+    return cached_step(
+        model.encoder, model.loss_fn, batch, accelerator.backward, cross_device, training.grad_cache_chunk_size,
+        lambda: accelerator.no_sync(model.encoder), loss_parameters=model.loss_parameters, **options,
+    )
 
-    def check_nonfinite() -> None:
-        run = nonfinite.settle()
-        if not run:
-            return
-        step, epoch, batch = run[-1]
-        rows = describe_rows(sampler, examples, sources, epoch, batch, len(run) * training.gradient_accumulation_steps)
-        what = "a NaN or infinite" if len(run) == 1 else f"{len(run)} steps in a row with a NaN or infinite"
-        raise RunError(
-            f"{what} loss or gradient at step {step} (epoch {epoch}); those updates were skipped and the "
-            f"weights are unchanged. Training rows of those batches on this process: {rows}. Check the data, "
-            f"the learning rate and the temperature (training.nonfinite: {training.nonfinite})"
-        )
 
-    metrics: dict[str, float] = {}
-    while state.step < total_steps:
-        sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
-        for batch in loader:
-            batch = batch.to(accelerator.device)
-            with accelerator.accumulate(encoder):
-                if training.grad_cache_chunk_size is None:
-                    loss, parts = plain_step(encoder, loss_fn, batch, accelerator.backward, cross_device)
-                else:
-                    loss, parts = cached_step(
-                        encoder, loss_fn, batch, accelerator.backward, cross_device,
-                        training.grad_cache_chunk_size, lambda: accelerator.no_sync(encoder),
-                    )
-                if accelerator.sync_gradients:
-                    max_norm = math.inf if training.max_grad_norm is None else training.max_grad_norm
-                    grad_norm = accelerator.clip_grad_norm_(encoder.parameters(), max_norm)
-                    nonfinite.before_step(grad_norm, state.step + 1, state.epoch, state.batch_in_epoch + 1)
-                optimizer.step()
-                optimizer.zero_grad()
-            state.batch_in_epoch += 1
-            pairs_timed += batch.size * accelerator.num_processes
-            finite = torch.isfinite(loss)
-            loss_sum += torch.where(finite, loss, 0.0)
-            for name, value in parts.items():
-                part_sums[name] = part_sums.get(name, 0) + torch.where(finite, value, 0.0)
-            loss_count += finite
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state.step += 1
-            progress.update(1)
+class LossMeter:
+    """Means of the finite losses (and each term) over a logging interval, summed on the device,
+    and the pairs per second since the clock was last started."""
 
-            if state.step % recipe.logging.log_every_steps == 0:
-                # one host sync per logging interval, not per step
-                check_nonfinite()
-                pairs_per_s = pairs_timed / (time.perf_counter() - started)
-                count = loss_count.item()
-                mean = lambda total: (total / count).item() if count else None  # noqa: E731 - null: all non-finite
-                logged = {"loss": mean(loss_sum), "lr": scheduler.get_last_lr()[0], "pairs_per_s": pairs_per_s}
-                if len(part_sums) > 1:
-                    logged.update({f"loss/{k}": mean(v) for k, v in part_sums.items()})
-                if state.nonfinite_steps:
-                    logged["nonfinite_steps"] = state.nonfinite_steps
-                loss_sum, loss_count, part_sums = torch.zeros_like(loss_sum), torch.zeros_like(loss_count), {}
-                metrics_log.write(state.step, logged)
-                shown = float("nan") if logged["loss"] is None else logged["loss"]
-                progress.set_postfix(loss=f"{shown:.4f}", lr=f"{logged['lr']:.2e}", pairs_s=f"{pairs_per_s:.1f}")
-            done = state.step >= total_steps
-            every = recipe.evaluation.every_steps
-            if every and state.step % every == 0 and not done and recipe.evaluation.sets:
-                metrics = evals.run(accelerator, encoder)
-                metrics_log.write(state.step, metrics)
-                evals.update_best(accelerator, encoder, metrics, state)
-                started, pairs_timed = time.perf_counter(), 0  # throughput counts training only
-            every = recipe.checkpointing.every_steps
-            if every and state.step % every == 0 and not done:
-                check_nonfinite()
-                save()
-                saved_at = state.step
-                started, pairs_timed = time.perf_counter(), 0
-            if done:
-                break
-            if preemption.should_stop(accelerator):
-                check_nonfinite()
-                raise stop(saved_at)
-        else:
-            state.epoch += 1
-            state.batch_in_epoch = 0
-    check_nonfinite()
-    if preemption.should_stop(accelerator):  # a signal during the last step: save before the final evaluation
-        raise stop(saved_at)
-    progress.close()
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+        self.restart_clock()
 
-    # ---------------------------------------------------------------- finish
-    if recipe.evaluation.at_end and recipe.evaluation.sets:
-        metrics = evals.run(accelerator, encoder)
-        metrics_log.write(state.step, metrics)
-        evals.update_best(accelerator, encoder, metrics, state)
-    state.finished = True
-    final = save()
-    if preemption.should_stop(accelerator):
-        accelerator.end_training()
-        raise Preempted(preemption.name, state.step, str(final))
-    accelerator.print(f"saved {final}")
-    if state.nonfinite_steps:
-        accelerator.print(f"warning: {state.nonfinite_steps} step(s) skipped for a NaN or infinite loss or gradient")
-    if state.best_step is not None:
-        accelerator.print(f"best {recipe.evaluation.metric_for_best} {state.best_metric:.4f} at step {state.best_step}")
-    accelerator.end_training()
-    return metrics
+    def reset(self) -> None:
+        self.total = torch.zeros((), device=self.device)
+        self.count = torch.zeros((), device=self.device)
+        self.parts: dict[str, torch.Tensor] = {}
+
+    def restart_clock(self) -> None:
+        self.started, self.pairs = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], pairs: int) -> None:
+        finite = torch.isfinite(loss)
+        self.total += torch.where(finite, loss, 0.0)
+        for name, value in parts.items():
+            self.parts[name] = self.parts.get(name, 0) + torch.where(finite, value, 0.0)
+        self.count += finite
+        self.pairs += pairs
+
+    def flush(self, lr: float, loss_fn: torch.nn.Module, nonfinite_steps: int) -> dict[str, float | None]:
+        """The interval's values for the log (one host sync), then starts a new interval."""
+        count = self.count.item()
+        mean = lambda total: (total / count).item() if count else None  # noqa: E731 - null: all non-finite
+        logged = {"loss": mean(self.total), "lr": lr, "pairs_per_s": self.pairs / (time.perf_counter() - self.started)}
+        if len(self.parts) > 1:
+            logged.update({f"loss/{k}": mean(v) for k, v in self.parts.items()})
+        logged.update(learned_values(loss_fn))
+        if nonfinite_steps:
+            logged["nonfinite_steps"] = nonfinite_steps
+        self.reset()
+        return logged
+
+
+def learned_values(loss_fn: torch.nn.Module) -> dict[str, float]:
+    """Learned temperatures of the loss's terms, by term name, for the log."""
+    loss_fn = getattr(loss_fn, "module", loss_fn)  # under DDP
+    values = {}
+    for name, term in zip(loss_fn.names, loss_fn.terms):
+        for inner_name, module in term.named_modules():
+            if getattr(getattr(module, "config", None), "learn_temperature", False):
+                suffix = f"/{inner_name}" if inner_name else ""
+                values[f"temperature/{name}{suffix}"] = float(torch.as_tensor(module.temperature).detach())
+    return values
+
+
+def nonfinite_error(run: list[tuple[int, int, int]], data: TrainingData, sources, training) -> RunError:
+    step, epoch, batch = run[-1]
+    rows = describe_rows(data.sampler, data.examples, sources, epoch, batch, len(run) * training.gradient_accumulation_steps)
+    what = "a NaN or infinite" if len(run) == 1 else f"{len(run)} steps in a row with a NaN or infinite"
+    return RunError(
+        f"{what} loss or gradient at step {step} (epoch {epoch}); those updates were skipped and the "
+        f"weights are unchanged. Training rows of those batches on this process: {rows}. Check the data, "
+        f"the learning rate and the temperature (training.nonfinite: {training.nonfinite})"
+    )
 
 
 def resume_from(accelerator: Accelerator, run_dir: Path, shape: RunShape) -> TrainState:

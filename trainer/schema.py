@@ -3,8 +3,9 @@
 Every recipe section is a dataclass. `build(cls, data)` checks the data against the
 field types and raises `RecipeError` naming the offending key, the file it came
 from and, for a typo, the closest valid key. Sections that can take several forms
-(`loss`, data sources, evaluation sets) are unions of dataclasses told apart by an
-explicit `kind:` field.
+(`loss`, data sources, evaluation sets) are told apart by an explicit `kind:` field: a union of
+dataclasses, or a base class with a `registry` of kinds (`LossConfig`), to which each kind adds
+itself where it is implemented.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _is_union(tp: Any) -> bool:
     return get_origin(tp) in (Union, types.UnionType)
 
 
-def _kind_of(cls: type) -> str:
+def kind_of(cls: type) -> str:
     """The `kind` literal of a tagged dataclass."""
     hint = typing.get_type_hints(cls)["kind"]
     (value,) = get_args(hint)
@@ -78,6 +79,11 @@ class Builder:
             if all(dataclasses.is_dataclass(m) for m in members):
                 return self._build_tagged(members, value, key)
             raise TypeError(f"unsupported union in schema at {key}: {tp}")
+        registry = getattr(tp, "registry", None) if isinstance(tp, type) else None
+        if isinstance(registry, dict) and "registry" in tp.__dict__:  # a base class whose kinds register themselves
+            if value is None:
+                raise self.error(key, "must not be empty")
+            return self._build_tagged(list(registry.values()), value, key)
         if dataclasses.is_dataclass(tp):
             return self._build_dataclass(tp, value, key)
         origin = get_origin(tp)
@@ -137,7 +143,7 @@ class Builder:
         raise self.error(key, f"expected {tp.__name__}, got {type(value).__name__} {value!r}")
 
     def _build_tagged(self, members: list[type], value: Any, key: str) -> Any:
-        by_kind = {_kind_of(m): m for m in members}
+        by_kind = {kind_of(m): m for m in members}
         if not isinstance(value, dict):
             raise self.error(key, f"expected a mapping with 'kind', got {value!r}")
         if "kind" not in value:

@@ -1,8 +1,10 @@
-"""One contrastive training step: embed, (gather across processes), score, backpropagate.
+"""One contrastive training step: embed, build the loss input, (gather across processes),
+score, backpropagate.
 
 Two paths give the same loss and gradients: the plain one, whose activation memory grows
 with the batch, and the cached one (GradCache), which embeds in chunks of
-`grad_cache_chunk_size` texts. Both work with any loss that takes embeddings.
+`grad_cache_chunk_size` texts. Both work with any loss term, including terms with parameters
+(their gradient comes from the loss directly) and terms that ignore some of the embeddings.
 """
 
 from __future__ import annotations
@@ -14,65 +16,108 @@ import torch
 
 from trainer.data.collate import ContrastiveBatch
 from trainer.losses import WeightedLoss
-from trainer.losses.distributed import gather_no_grad, gather_with_grad, local_rows, world_size
+from trainer.losses.distributed import local_rows, world_size
 from trainer.losses.gradcache import embed_without_grad, split_features
+from trainer.losses.inputs import Embeddings, LossInput
+from trainer.model.frozen import embed_frozen
 
-Backward = Callable[[torch.Tensor], None]
+Backward = Callable[..., None]
+LossFn = Callable[[LossInput], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def split_documents(
     documents: torch.Tensor, size: int, num_negatives: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B*(1+N), D) to positives (B, D) and negatives (B, N, D) or None."""
+    """(B*(1+N), ...) to positives (B, ...) and negatives (B, N, ...) or None."""
     positive = documents[:size]
     if num_negatives == 0:
         return positive, None
-    return positive, documents[size:].reshape(size, num_negatives, -1)
+    return positive, documents[size:].reshape(size, num_negatives, *documents.shape[1:])
+
+
+def loss_input(
+    batch: ContrastiveBatch,
+    query: torch.Tensor,
+    documents: torch.Tensor,
+    frozen: dict[str, torch.nn.Module],
+    normalized: bool,
+    chunk_size: int | None = None,
+) -> LossInput:
+    """The loss's view of a batch: its embeddings (B, D) / (B*(1+N), D), ids, sources, teacher
+    scores, and the same texts embedded by each frozen encoder."""
+    positive, negatives = split_documents(documents, batch.size, batch.num_negatives)
+    positive_ids, negative_ids = split_documents(batch.document_ids, batch.size, batch.num_negatives)
+    frozen_embeddings = {}
+    for key, encoder in frozen.items():
+        queries, docs = batch.frozen[key]
+        frozen_query = embed_frozen(encoder, queries, chunk_size)
+        frozen_positive, frozen_negatives = split_documents(embed_frozen(encoder, docs, chunk_size), batch.size, batch.num_negatives)
+        frozen_embeddings[key] = Embeddings(frozen_query, frozen_positive, frozen_negatives)
+    return LossInput(
+        query=query,
+        positive=positive,
+        negatives=negatives,
+        query_ids=batch.query_ids,
+        positive_ids=positive_ids,
+        negative_ids=negative_ids,
+        source=batch.source,
+        in_batch=batch.in_batch,
+        teacher_scores=batch.teacher_scores,
+        frozen=frozen_embeddings,
+        normalized=normalized,
+    )
 
 
 def plain_step(
     encoder: torch.nn.Module,
-    loss_fn: WeightedLoss,
+    loss_fn: LossFn,
     batch: ContrastiveBatch,
     backward: Backward,
     cross_device: bool,
+    frozen: dict[str, torch.nn.Module] | None = None,
+    normalized: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     query = encoder(batch.queries)  # (B, D)
-    positive, negatives = split_documents(encoder(batch.documents), batch.size, batch.num_negatives)
+    documents = encoder(batch.documents)  # (B*(1+N), D)
+    inputs = loss_input(batch, query, documents, frozen or {}, normalized)
     if cross_device:
-        query, positive = gather_with_grad(query), gather_with_grad(positive)  # (W*B, D)
-        negatives = gather_with_grad(negatives) if negatives is not None else None  # (W*B, N, D)
-    loss, parts = loss_fn(query, positive, negatives)
+        inputs = inputs.gather()  # (W*B, ...) for every field
+    loss, parts = loss_fn(inputs)
     backward(loss)
     return loss.detach(), parts
 
 
 def cached_step(
     encoder: torch.nn.Module,
-    loss_fn: WeightedLoss,
+    loss_fn: LossFn,
     batch: ContrastiveBatch,
     backward: Backward,
     cross_device: bool,
     chunk_size: int,
     no_sync: Callable[[], ContextManager],
+    frozen: dict[str, torch.nn.Module] | None = None,
+    normalized: bool = True,
+    loss_parameters: list[torch.nn.Parameter] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     device = batch.queries["input_ids"].device
     query_chunks = split_features(batch.queries, chunk_size)
     document_chunks = split_features(batch.documents, chunk_size)
     query, query_states = embed_without_grad(encoder, query_chunks, device)
     documents, document_states = embed_without_grad(encoder, document_chunks, device)
-    positive, negatives = split_documents(documents, batch.size, batch.num_negatives)
+    inputs = loss_input(batch, query, documents, frozen or {}, normalized, chunk_size)
 
-    # loss and its gradient with respect to the (gathered) embeddings
+    # the loss and its gradient with respect to the (gathered) embeddings
     if cross_device:
-        query, positive = gather_no_grad(query), gather_no_grad(positive)
-        negatives = gather_no_grad(negatives) if negatives is not None else None
-    query, positive = query.detach().requires_grad_(), positive.detach().requires_grad_()
-    negatives = negatives.detach().requires_grad_() if negatives is not None else None
-    leaves = [t for t in (query, positive, negatives) if t is not None]
+        inputs = inputs.gather()
+    leaves = inputs.embeddings.map(lambda t: t.detach().requires_grad_())
+    inputs = inputs.with_embeddings(leaves)
     with torch.enable_grad():
-        loss, parts = loss_fn(query, positive, negatives)
-        grads = torch.autograd.grad(loss, leaves)
+        loss, parts = loss_fn(inputs)
+        parameters = [p for p in loss_parameters or [] if p.requires_grad]
+        grads = torch.autograd.grad(loss, leaves.tensors(), retain_graph=bool(parameters), allow_unused=True)
+        if parameters:  # the loss's own parameters (a learnable temperature) get their gradient here
+            backward(loss, inputs=parameters)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves.tensors(), grads)]  # an ignored input
     if cross_device:  # every process computed the same global loss; DDP averages the W gradients
         grads = [local_rows(g, batch.size) * world_size() for g in grads]
     query_grad = grads[0]

@@ -203,14 +203,14 @@ def nan_at(monkeypatch, steps: set[int]):
     plain = loop.plain_step
     calls = []
 
-    def step(encoder, loss_fn, *args):
+    def step(encoder, loss_fn, *args, **options):
         calls.append(1)
 
         def poisoned(*inputs):
             total, parts = loss_fn(*inputs)
             return (total * float("nan"), parts) if len(calls) in steps else (total, parts)
 
-        return plain(encoder, poisoned, *args)
+        return plain(encoder, poisoned, *args, **options)
 
     monkeypatch.setattr(loop, "plain_step", step)
 
@@ -291,11 +291,11 @@ def test_signal_during_the_last_step_saves_before_the_final_evaluation(tmp_path,
     plain = loop.plain_step
     calls = []
 
-    def step(*args):
+    def step(*args, **options):
         calls.append(1)
         if len(calls) == 4:
             send_self()
-        return plain(*args)
+        return plain(*args, **options)
 
     monkeypatch.setattr(loop, "plain_step", step)
     evaluated = []

@@ -14,7 +14,7 @@ from conftest import make_pairs
 from trainer.config import InfoNCEConfig, ModelConfig
 from trainer.data.collate import Collator
 from trainer.data.examples import Example
-from trainer.losses import build_loss
+from trainer.losses import LossContext, LossInput, build_loss
 from trainer.losses.gradcache import embed_without_grad, split_features
 from trainer.model.encoder import Encoder, enable_gradient_checkpointing
 from trainer.step import cached_step, plain_step, split_documents
@@ -48,16 +48,20 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=TOLERANCE, msg=name)
 
 
-LOSS = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)])
+LOSS = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)], LossContext(dim=32, normalized=True))
+
+
+def BACKWARD(loss: torch.Tensor, **options) -> None:
+    loss.backward(**options)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])
 def test_cached_equals_plain_without_dropout(tiny_model, chunk_size):
     encoder = load(tiny_model).eval()
     batch = batch_of(encoder, examples())
-    plain_loss, _ = plain_step(encoder, LOSS, batch, lambda l: l.backward(), cross_device=False)
+    plain_loss, _ = plain_step(encoder, LOSS, batch, BACKWARD, cross_device=False)
     plain = grads(encoder)
-    cached_loss, _ = cached_step(encoder, LOSS, batch, lambda l: l.backward(), False, chunk_size, nullcontext)
+    cached_loss, _ = cached_step(encoder, LOSS, batch, BACKWARD, False, chunk_size, nullcontext)
     assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=TOLERANCE)
     assert_same(grads(encoder), plain)
 
@@ -71,12 +75,12 @@ def test_cached_replays_dropout_exactly(tiny_model):
     q_chunks, d_chunks = split_features(batch.queries, chunk), split_features(batch.documents, chunk)
     query = torch.cat([encoder(c) for c in q_chunks])
     positive, negatives = split_documents(torch.cat([encoder(c) for c in d_chunks]), batch.size, batch.num_negatives)
-    reference_loss, _ = LOSS(query, positive, negatives)
+    reference_loss, _ = LOSS(LossInput.of(query, positive, negatives))
     reference_loss.backward()
     reference = grads(encoder)
 
     torch.manual_seed(11)
-    loss, _ = cached_step(encoder, LOSS, batch, lambda l: l.backward(), False, chunk, nullcontext)
+    loss, _ = cached_step(encoder, LOSS, batch, BACKWARD, False, chunk, nullcontext)
     assert loss.item() == pytest.approx(reference_loss.item(), abs=TOLERANCE)
     assert_same(grads(encoder), reference)
 
@@ -98,9 +102,9 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str)
         rows = examples()
         local = rows[rank * 4 : rank * 4 + 4]
         batch = batch_of(encoder, local)
-        loss, _ = plain_step(model, LOSS, batch, lambda l: l.backward(), cross_device=True)
+        loss, _ = plain_step(model, LOSS, batch, BACKWARD, cross_device=True)
         plain = grads(encoder)
-        cached, _ = cached_step(model, LOSS, batch, lambda l: l.backward(), True, 3, model.no_sync)
+        cached, _ = cached_step(model, LOSS, batch, BACKWARD, True, 3, model.no_sync)
         cached_grads = grads(encoder)
         torch.save(
             {"loss": loss.item(), "cached_loss": cached.item(), "grads": plain, "cached_grads": cached_grads},
@@ -120,7 +124,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_model, t
             pytest.fail("the two processes did not finish within 300 s")
     encoder = load(tiny_model).eval()
     batch = batch_of(encoder, examples())
-    loss, _ = plain_step(encoder, LOSS, batch, lambda l: l.backward(), cross_device=False)
+    loss, _ = plain_step(encoder, LOSS, batch, BACKWARD, cross_device=False)
     single = grads(encoder)
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
@@ -133,7 +137,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_model, t
 def test_gradient_checkpointing_keeps_gradients(tiny_model):
     encoder = load(tiny_model).eval()
     batch = batch_of(encoder, examples())
-    plain_step(encoder, LOSS, batch, lambda l: l.backward(), cross_device=False)
+    plain_step(encoder, LOSS, batch, BACKWARD, cross_device=False)
     reference = grads(encoder)
     enable_gradient_checkpointing(encoder.backbone)
     assert any(getattr(m, "gradient_checkpointing", False) for m in encoder.backbone.modules())
@@ -141,7 +145,7 @@ def test_gradient_checkpointing_keeps_gradients(tiny_model):
     for module in encoder.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    plain_step(encoder, LOSS, batch, lambda l: l.backward(), cross_device=False)
+    plain_step(encoder, LOSS, batch, BACKWARD, cross_device=False)
     assert_same(grads(encoder), reference)
-    cached_step(encoder, LOSS, batch, lambda l: l.backward(), False, 3, nullcontext)
+    cached_step(encoder, LOSS, batch, BACKWARD, False, 3, nullcontext)
     assert_same(grads(encoder), reference)

@@ -1,52 +1,117 @@
-"""Batches of tokenised queries and documents, the input of the encoder."""
+"""Batches of tokenised queries and documents with their extras, the input of a training step."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
 from trainer.data.examples import Example
+from trainer.data.training_set import text_key
+
+Features = dict[str, torch.Tensor]
 
 
-def tokenize(tokenizer, texts: list[str], max_seq_length: int) -> dict[str, torch.Tensor]:
+def tokenize(tokenizer, texts: list[str], max_seq_length: int) -> Features:
     """Padded to the longest text, truncated to max_seq_length: the one tokenisation for training and inference."""
     return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt"))
 
 
 @dataclass
-class ContrastiveBatch:
-    """`documents` holds the B positives first, then the B*N hard negatives, query-major."""
+class TextTokenizer:
+    """How one encoder tokenises: its tokenizer, length and (query, document) prompt per source."""
 
-    queries: dict[str, torch.Tensor]
-    documents: dict[str, torch.Tensor]
+    tokenizer: Any
+    max_seq_length: int
+    prompts: list[tuple[str, str]]
+    """(query prompt, document prompt) for each training source (one pair for all sources when
+    the list has one entry)."""
+
+    def prompt(self, source: int, is_query: bool) -> str:
+        pair = self.prompts[source] if len(self.prompts) > 1 else self.prompts[0]
+        return pair[0] if is_query else pair[1]
+
+    def __call__(self, examples: list[Example]) -> tuple[Features, Features]:
+        queries = [self.prompt(e.source, True) + e.query for e in examples]
+        documents = [self.prompt(e.source, False) + e.positive for e in examples]
+        documents += [self.prompt(e.source, False) + n for e in examples for n in e.negatives]
+        return tokenize(self.tokenizer, queries, self.max_seq_length), tokenize(self.tokenizer, documents, self.max_seq_length)
+
+
+@dataclass
+class ContrastiveBatch:
+    """`documents` holds the B positives first, then the B*N hard negatives, query-major; the
+    id and extra fields are row-aligned with them."""
+
+    queries: Features
+    documents: Features
     num_negatives: int
+    query_ids: torch.Tensor
+    """(B,) int64 `text_key` of each query (without prompt)."""
+    document_ids: torch.Tensor
+    """(B*(1+N),) int64 `text_key` of each document, in the order of `documents`."""
+    source: torch.Tensor
+    """(B,) int64 training source of each row."""
+    in_batch: torch.Tensor
+    """(B,) bool: the row's source takes in-batch negatives."""
+    teacher_scores: torch.Tensor | None = None
+    """(B, 1+N) float32 teacher scores, when every row has them."""
+    frozen: dict[str, tuple[Features, Features]] = field(default_factory=dict)
+    """(queries, documents) tokenised for each frozen encoder, by its key."""
 
     @property
     def size(self) -> int:
         return self.queries["input_ids"].shape[0]
 
     def to(self, device: Any, non_blocking: bool = False) -> "ContrastiveBatch":
-        move = lambda d: {k: v.to(device, non_blocking=non_blocking) for k, v in d.items()}  # noqa: E731
-        return ContrastiveBatch(move(self.queries), move(self.documents), self.num_negatives)
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device, non_blocking=non_blocking)
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            if isinstance(value, tuple):
+                return tuple(move(v) for v in value)
+            return value
+
+        return ContrastiveBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
 class Collator:
-    """Adds the recipe's prompts and tokenises; runs in DataLoader workers."""
+    """Adds the prompts and tokenises, for the model and for each frozen encoder; hashes the texts
+    into stable ids. Runs in DataLoader workers."""
 
-    def __init__(self, tokenizer, max_seq_length: int, prompts: list[tuple[str, str]] | None = None) -> None:
-        self.tokenizer = tokenizer
-        self.max_seq_length = max_seq_length
-        self.prompts = prompts or [("", "")]
-        """(query prompt, document prompt) for each training source."""
+    def __init__(
+        self,
+        tokenizer,
+        max_seq_length: int,
+        prompts: list[tuple[str, str]] | None = None,
+        in_batch: list[bool] | None = None,
+        frozen: dict[str, TextTokenizer] | None = None,
+    ) -> None:
+        self.model = TextTokenizer(tokenizer, max_seq_length, prompts or [("", "")])
+        self.in_batch = in_batch or [True]
+        """Per training source: whether its rows take in-batch negatives."""
+        self.frozen = frozen or {}
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        return tokenize(self.tokenizer, texts, self.max_seq_length)
+    def tokenize(self, texts: list[str]) -> Features:
+        return tokenize(self.model.tokenizer, texts, self.model.max_seq_length)
 
     def __call__(self, examples: list[Example]) -> ContrastiveBatch:
         num_negatives = len(examples[0].negatives)
-        queries = [self.prompts[e.source][0] + e.query for e in examples]
-        documents = [self.prompts[e.source][1] + e.positive for e in examples]
-        documents += [self.prompts[e.source][1] + n for e in examples for n in e.negatives]
-        return ContrastiveBatch(self.tokenize(queries), self.tokenize(documents), num_negatives)
+        queries, documents = self.model(examples)
+        document_texts = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
+        scores = None
+        if all(e.teacher_scores is not None for e in examples):
+            scores = torch.tensor([e.teacher_scores for e in examples], dtype=torch.float32)
+        return ContrastiveBatch(
+            queries=queries,
+            documents=documents,
+            num_negatives=num_negatives,
+            query_ids=torch.tensor([text_key(e.query) for e in examples], dtype=torch.int64),
+            document_ids=torch.tensor([text_key(t) for t in document_texts], dtype=torch.int64),
+            source=torch.tensor([e.source for e in examples], dtype=torch.int64),
+            in_batch=torch.tensor([self.in_batch[e.source if len(self.in_batch) > 1 else 0] for e in examples]),
+            teacher_scores=scores,
+            frozen={key: tokenizer(examples) for key, tokenizer in self.frozen.items()},
+        )

@@ -12,3 +12,5 @@ class Example:
     negatives: tuple[str, ...] = field(default_factory=tuple)
     source: int = 0
     """Index of the training source (data.train) it came from."""
+    teacher_scores: tuple[float, ...] | None = None
+    """A teacher's scores of the positive, then of each hard negative, when the data has them."""

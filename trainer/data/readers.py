@@ -188,6 +188,21 @@ def _check_text(path: str, row: int, column: str, value: object) -> str:
     return value
 
 
+def _check_scores(path: str, row: int, column: str, scores: object, needed: int) -> None:
+    """A list of at least `needed` finite numbers: the positive's score, then each negative's."""
+    import math
+
+    if not isinstance(scores, list) or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+        raise DataError(f"{path}, row {row}: column '{column}' must be a list of numbers, got {scores!r}")
+    if len(scores) < needed:
+        raise DataError(
+            f"{path}, row {row}: column '{column}' has {len(scores)} scores; the positive and {needed - 1} hard "
+            f"negative(s) need {needed}"
+        )
+    if not all(math.isfinite(s) for s in scores[:needed]):
+        raise DataError(f"{path}, row {row}: column '{column}' holds a NaN or infinite score: {scores!r}")
+
+
 @dataclass
 class SourceTable:
     """One source as an Arrow table with columns query, positive[, negatives], checked, and its keys."""
@@ -202,14 +217,19 @@ def read_pairs(source: PairsSource, num_negatives: int | None, index: int = 0) -
     columns = {"query": source.query_column, "positive": source.positive_column}
     if source.negatives_column is not None:
         columns["negatives"] = source.negatives_column
+    if source.teacher_scores_column is not None:
+        columns["teacher_scores"] = source.teacher_scores_column
     for column in columns.values():
         if column not in table.column_names:
             raise DataError(
                 f"{source.path}: missing column '{column}' (columns: {table.column_names}); "
-                "map yours with query_column / positive_column / negatives_column"
+                "map yours with query_column / positive_column / negatives_column / teacher_scores_column"
             )
     if len(set(columns.values())) != len(columns):
-        raise DataError(f"{source.path}: query_column, positive_column and negatives_column must be different columns")
+        raise DataError(
+            f"{source.path}: query_column, positive_column, negatives_column and teacher_scores_column must be "
+            "different columns"
+        )
     table = table.select_columns(list(columns.values()))
     if source.max_examples is not None:
         table = table.select(range(min(source.max_examples, len(table))))
@@ -253,6 +273,9 @@ def _scan(table, name: str, columns: dict[str, str], num_negatives: int | None, 
                 [text_key(_check_text(name, row, f"{columns['negatives']}[{i}]", n)) for i, n in enumerate(kept)]
             )
             counts.add(len(kept))
+        if "teacher_scores" in columns:
+            for j, scores in enumerate(chunk["teacher_scores"]):
+                _check_scores(name, start + j + 1, columns["teacher_scores"], scores, 1 + (len(negative_lists[start + j]) if has_negatives else 0))
     progress.close()
     if len(counts) > 1:
         raise DataError(

@@ -74,7 +74,7 @@ class TextKeys:
 
 
 class TrainingSet(torch.utils.data.Dataset):
-    """Example `i` of the concatenated sources; each table has columns query, positive[, negatives]."""
+    """Example `i` of the concatenated sources; each table has columns query, positive[, negatives][, teacher_scores]."""
 
     def __init__(self, tables: list, keys: TextKeys, num_negatives: int) -> None:
         self.tables = tables
@@ -91,4 +91,6 @@ class TrainingSet(torch.utils.data.Dataset):
         source = bisect.bisect_right(self.offsets, index) - 1
         row = self.tables[source][index - self.offsets[source]]
         negatives = tuple(row["negatives"][: self.num_negatives]) if self.num_negatives else ()
-        return Example(row["query"], row["positive"], negatives, source)
+        scores = row.get("teacher_scores")
+        scores = tuple(float(s) for s in scores[: 1 + self.num_negatives]) if scores is not None else None
+        return Example(row["query"], row["positive"], negatives, source, scores)

@@ -44,7 +44,7 @@ def eval_files(eval_set: EvalSetConfig) -> list[Path]:
     return [Path(eval_set.path)]
 
 
-def cache_key(model: ModelConfig, eval_set: EvalSetConfig) -> str | None:
+def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | None = None) -> str | None:
     """None when the model is not a local folder (nothing to fingerprint)."""
     folder = Path(resolve_model_path(model.name_or_path))
     if not folder.is_dir():
@@ -53,10 +53,10 @@ def cache_key(model: ModelConfig, eval_set: EvalSetConfig) -> str | None:
     if weights is None:
         return None
     # only what changes the numbers: the files' content stands for their path, names are prefixes
-    settings = {k: getattr(model, k) for k in ("pooling", "normalize", "max_seq_length", "query_prompt", "document_prompt")}
+    settings = {k: getattr(model, k) for k in ("pooling", "normalize", "max_seq_length", "query_prompt", "document_prompt", "embedding_dim")}
     eval_settings = {k: v for k, v in asdict(eval_set).items() if k not in ("name", "path")}
     data = _files_digest(eval_files(eval_set))
-    blob = json.dumps([CACHE_VERSION, weights, settings, eval_settings, data], sort_keys=True)
+    blob = json.dumps([CACHE_VERSION, weights, settings, eval_settings, data] + ([sorted(dims)] if dims else []), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

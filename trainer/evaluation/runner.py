@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from trainer.checkpoint import TrainState, save_best
 from trainer.config import EvaluationConfig, Recipe
 from trainer.errors import RunError
-from trainer.evaluation import Evaluator, build_evaluator
+from trainer.evaluation import Evaluator, build_evaluator, evaluate_set
 from trainer.evaluation.cache import EvalCache, cache_key
 from trainer.evaluation.sharded import ShardedEncoder, forward_module
 
@@ -51,11 +51,13 @@ class EvalRunner:
         for eval_set in self.config.sets:
             key, values = None, None
             if cached and accelerator.is_main_process:
-                key = cache_key(self.recipe.model, eval_set)
+                key = cache_key(self.recipe.model, eval_set, self.config.dims)
                 values = self.cache.get(key)
             values = _from_main(accelerator, values)
             if values is None:
-                values = _from_main(accelerator, self.evaluators[eval_set.name](text_encoder))
+                evaluator = self.evaluators[eval_set.name]
+                values = evaluate_set(evaluator, text_encoder, self.config.dims, self.recipe.model.normalize)
+                values = _from_main(accelerator, values)
                 if accelerator.is_main_process:
                     self.cache.put(key, values)
             metrics.update({f"{eval_set.name}/{k}": v for k, v in values.items()})

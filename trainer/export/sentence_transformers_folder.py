@@ -121,6 +121,8 @@ def _pooling_config(pooling: str, dim: int) -> dict:
 
 def write_folder(encoder: Encoder, out: Path, dtype: str, truncate_dim: int | None) -> None:
     config = encoder.config
+    hidden = encoder.backbone.config.hidden_size
+    truncate_dim = truncate_dim or config.embedding_dim
     backbone = encoder.backbone.to(DTYPES[dtype])
     backbone.save_pretrained(out, safe_serialization=True)
     encoder.tokenizer.save_pretrained(out)
@@ -130,7 +132,7 @@ def write_folder(encoder: Encoder, out: Path, dtype: str, truncate_dim: int | No
     (out / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2))
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
     (out / "1_Pooling").mkdir()
-    (out / "1_Pooling" / "config.json").write_text(json.dumps(_pooling_config(config.pooling, encoder.dim), indent=2))
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(_pooling_config(config.pooling, hidden), indent=2))
     modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
     if truncate_dim is not None:
         dense = out / "2_Dense"
@@ -138,7 +140,7 @@ def write_folder(encoder: Encoder, out: Path, dtype: str, truncate_dim: int | No
         (dense / "config.json").write_text(
             json.dumps(
                 {
-                    "in_features": encoder.dim,
+                    "in_features": hidden,
                     "out_features": truncate_dim,
                     "bias": False,
                     "activation_function": "torch.nn.modules.linear.Identity",
@@ -146,7 +148,7 @@ def write_folder(encoder: Encoder, out: Path, dtype: str, truncate_dim: int | No
                 indent=2,
             )
         )
-        weight = torch.eye(encoder.dim)[:truncate_dim].contiguous()  # keeps the first truncate_dim values
+        weight = torch.eye(hidden)[:truncate_dim].contiguous()  # keeps the first truncate_dim values
         save_file({"linear.weight": weight}, str(dense / "model.safetensors"))
         modules.append({"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"})
     if config.normalize:

@@ -253,6 +253,8 @@ def saved_model_config(path: str) -> ModelConfig | None:
                 config.pooling = "cls"
             elif pooling.get("pooling_mode_lasttoken"):
                 config.pooling = "last_token"
+        if "Dense" in kinds:
+            config.embedding_dim = truncation_dim(folder / str(kinds["Dense"].get("path", "")), path)
         bert_config = folder / "sentence_bert_config.json"
         if bert_config.exists():
             length = _read_json(bert_config, path).get("max_seq_length", config.max_seq_length)
@@ -266,6 +268,33 @@ def saved_model_config(path: str) -> ModelConfig | None:
             config.document_prompt = str(prompts.get("document", prompts.get("passage", "")))
         return config
     return None
+
+
+def truncation_dim(dense: Path, name: str) -> int:
+    """The N of a Dense module that keeps the first N dimensions (what `embtrain export --dim N`
+    writes); a `ModelError` for any other Dense module, which embtrain does not load."""
+    from safetensors.torch import load_file
+
+    settings = _read_json(dense / "config.json", name)
+    weights = dense / "model.safetensors"
+    problem = None
+    if not isinstance(settings, dict) or settings.get("bias") or not str(settings.get("activation_function", "")).endswith("Identity"):
+        problem = "has a bias or an activation"
+    elif not weights.exists():
+        problem = "has no model.safetensors"
+    else:
+        try:
+            weight = load_file(str(weights)).get("linear.weight")
+        except LOAD_ERRORS as exc:
+            raise ModelError(f"model {name!r}: cannot read {weights}: {exc}") from None
+        if weight is None or weight.ndim != 2 or not torch.equal(weight.float(), torch.eye(weight.shape[1])[: weight.shape[0]]):
+            problem = "is a learned projection"
+    if problem:
+        raise ModelError(
+            f"model {name!r}: {dense} {problem}, not a cut to the first dimensions; embtrain loads only the "
+            "Dense module that `embtrain export --dim` writes"
+        )
+    return int(weight.shape[0])
 
 
 def _load_backbone(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -328,16 +357,22 @@ class Encoder(torch.nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(backbone)
+        hidden = getattr(backbone.config, "hidden_size", None)
+        if config.embedding_dim is not None and hidden is not None and config.embedding_dim > hidden:
+            raise ModelError(f"model.embedding_dim {config.embedding_dim} is more than {config.name_or_path}'s {hidden} dimensions")
         return cls(backbone, tokenizer, config)
 
     @property
     def dim(self) -> int:
-        return self.backbone.config.hidden_size
+        """The size of the embeddings it returns (model.embedding_dim when set)."""
+        return self.config.embedding_dim or self.backbone.config.hidden_size
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Tokenised texts to embeddings (B, H)."""
+        """Tokenised texts to embeddings (B, D)."""
         hidden = self.backbone(**features).last_hidden_state  # (B, L, H)
         embeddings = self.pool(hidden, features["attention_mask"])
+        if self.config.embedding_dim is not None:
+            embeddings = embeddings[:, : self.config.embedding_dim]
         if self.config.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
         return embeddings

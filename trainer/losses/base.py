@@ -1,0 +1,68 @@
+"""The loss seam: a term's config (a `kind:` dataclass, registered here) builds the term, a
+module whose `forward(LossInput)` returns a scalar.
+
+A loss kind is one file in `trainer/losses/`: its config dataclass, decorated with
+`@register_loss`, with a docstring under each field and a `build(context)` method, and the module
+it builds. The recipe schema reads `loss:` entries through this registry, so a new kind needs no
+change anywhere else. Terms may hold parameters (a learnable temperature, a projection head):
+they are trained, synchronised across processes and checkpointed with the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from trainer.losses.inputs import LossInput
+from trainer.schema import kind_of
+
+
+@dataclass
+class LossContext:
+    """What building a term may need to know about the model being trained."""
+
+    dim: int
+    """The encoder's embedding dimension."""
+    normalized: bool
+    """Whether the encoder's embeddings are unit vectors (model.normalize)."""
+    num_layers: int | None = None
+    """Transformer layers of the backbone, when it says."""
+
+
+class LossTerm(torch.nn.Module):
+    """A loss: `forward(inputs)` -> scalar tensor."""
+
+    def forward(self, inputs: LossInput) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def frozen_encoders(self) -> dict[str, object]:
+        """Frozen models (name -> `FrozenModelConfig`) whose embeddings this term reads from
+        `inputs.frozen`; the step computes them."""
+        return {}
+
+    def layer_indices(self) -> list[int]:
+        """Earlier transformer layers whose pooled embeddings this term reads (2D Matryoshka)."""
+        return []
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Options every loss term has; the `kind` field of a subclass picks it."""
+
+    registry: ClassVar[dict[str, type["LossConfig"]]] = {}
+    weight: float = 1.0
+    """Factor on this term in the total loss."""
+
+    def build(self, context: LossContext) -> LossTerm:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def register_loss(cls: type[LossConfig]) -> type[LossConfig]:
+    """Class decorator: makes `cls` a `loss:` kind of the recipe."""
+    kind = kind_of(cls)
+    if kind in LossConfig.registry:
+        raise ValueError(f"loss kind {kind!r} is registered twice")
+    LossConfig.registry[kind] = cls
+    return cls
