@@ -2,7 +2,9 @@
 non-finite steps, and checkpoints that never unpickle."""
 
 import json
+import math
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -336,3 +338,28 @@ def test_the_guard_leaves_loss_scaler_overflows_to_the_scaler_and_is_off_under_d
     guard = NonFiniteGuard("stop", 10, optimizer, TrainState(), deepspeed)
     guard.before_step(float("nan"), 1, 0, 1)  # the engine returns a float norm
     assert guard.settle() == []
+
+
+LEARNED = "loss: [{kind: infonce, learn_temperature: true, temperature: 0.05}]"
+
+
+def learned_logit(checkpoint: Path) -> float:
+    return load_file(str(checkpoint / "accelerate" / "model_1.safetensors"))["terms.0.temperature_logit"].item()
+
+
+def test_loss_parameters_learn_are_checkpointed_and_resume_exactly(tmp_path, tiny_model, pairs_file):
+    recipe = write_recipe(tmp_path, tiny_model, pairs_file, LEARNED)
+    train(load_recipe(recipe, ["run_name=full", "checkpointing.every_steps=null"]))
+    full = tmp_path / "runs" / "full" / "step_4"
+    start = math.log((0.05 - 0.01) / (0.2 - 0.05))  # the logit of 0.05 within [0.01, 0.2]
+    assert abs(learned_logit(full) - start) > 1e-4, "the temperature did not move"
+    logged = [r for r in rows(tmp_path / "runs" / "full") if "temperature/infonce" in r]
+    assert len(logged) == 4 and len({r["temperature/infonce"] for r in logged}) == 4
+
+    train(load_recipe(recipe))
+    run_dir = tmp_path / "runs" / "r"
+    shutil.rmtree(run_dir / "step_4")
+    train(load_recipe(recipe), resume=True)
+    assert learned_logit(run_dir / "step_4") == learned_logit(full)
+    a, b = (load_file(str(p / "model" / "model.safetensors")) for p in (full, run_dir / "step_4"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -102,14 +102,17 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str)
         rows = examples()
         local = rows[rank * 4 : rank * 4 + 4]
         batch = batch_of(encoder, local)
-        loss, _ = plain_step(model, LOSS, batch, BACKWARD, cross_device=True)
-        plain = grads(encoder)
-        cached, _ = cached_step(model, LOSS, batch, BACKWARD, True, 3, model.no_sync)
-        cached_grads = grads(encoder)
-        torch.save(
-            {"loss": loss.item(), "cached_loss": cached.item(), "grads": plain, "cached_grads": cached_grads},
-            Path(out_dir) / f"rank{rank}.pt",
-        )
+        results = {}
+        for name, configs in [("infonce", None)] + list(loss_configs().items()):
+            loss_fn = LOSS if configs is None else build(configs)
+            parameters = list(loss_fn.parameters())
+            wrapped = torch.nn.parallel.DistributedDataParallel(loss_fn) if parameters else loss_fn
+            loss, _ = plain_step(model, wrapped, batch, BACKWARD, cross_device=True)
+            plain = grads(encoder) | grads(loss_fn)
+            cached, _ = cached_step(model, wrapped, batch, BACKWARD, True, 3, model.no_sync, loss_parameters=parameters)
+            cached_grads = grads(encoder) | grads(loss_fn)
+            results[name] = {"loss": loss.item(), "cached_loss": cached.item(), "grads": plain, "cached_grads": cached_grads}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -124,14 +127,16 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_model, t
             pytest.fail("the two processes did not finish within 300 s")
     encoder = load(tiny_model).eval()
     batch = batch_of(encoder, examples())
-    loss, _ = plain_step(encoder, LOSS, batch, BACKWARD, cross_device=False)
-    single = grads(encoder)
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert result["loss"] == pytest.approx(loss.item(), abs=TOLERANCE)
-        assert result["cached_loss"] == pytest.approx(loss.item(), abs=TOLERANCE)
-        assert_same(result["grads"], single)
-        assert_same(result["cached_grads"], single)
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for name, configs in [("infonce", None)] + list(loss_configs().items()):
+        loss_fn = LOSS if configs is None else build(configs)
+        loss, _ = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False)
+        single = grads(encoder) | grads(loss_fn)
+        for result in results:
+            assert result[name]["loss"] == pytest.approx(loss.item(), abs=TOLERANCE), name
+            assert result[name]["cached_loss"] == pytest.approx(loss.item(), abs=TOLERANCE), name
+            assert_same(result[name]["grads"], single)
+            assert_same(result[name]["cached_grads"], single)
 
 
 def test_gradient_checkpointing_keeps_gradients(tiny_model):
@@ -149,3 +154,38 @@ def test_gradient_checkpointing_keeps_gradients(tiny_model):
     assert_same(grads(encoder), reference)
     cached_step(encoder, LOSS, batch, BACKWARD, False, 3, nullcontext)
     assert_same(grads(encoder), reference)
+
+
+def loss_configs():
+    from trainer.losses.gor import GORConfig
+    from trainer.losses.matryoshka import MatryoshkaConfig
+
+    gte = InfoNCEConfig(
+        kind="infonce", directions=["query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc"],
+        hardness_mode="all_negatives", hardness_strength=5.0, focal_gamma=1.0, false_negative_margin=0.3,
+    )
+    return {
+        "matryoshka": [MatryoshkaConfig(kind="matryoshka", dims=[32, 16, 8], terms=[InfoNCEConfig(kind="infonce")])],
+        "gte+gor": [gte, GORConfig(kind="gor", weight=0.3)],
+        "learned-temperature": [InfoNCEConfig(kind="infonce", learn_temperature=True, temperature=0.05)],
+        "matryoshka-gor-only": [MatryoshkaConfig(kind="matryoshka", dims=[32, 8], terms=[GORConfig(kind="gor")])],
+    }
+
+
+def build(configs) -> torch.nn.Module:
+    return build_loss(configs, LossContext(dim=32, normalized=True)).double()
+
+
+@pytest.mark.parametrize("name", list(loss_configs()))
+def test_cached_equals_plain_for_every_loss(tiny_model, name):
+    """Loss and gradients of the encoder and of the loss's own parameters, float64."""
+    encoder = load(tiny_model).eval()
+    batch = batch_of(encoder, examples())
+    loss_fn = build(loss_configs()[name])
+    plain_loss, _ = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False)
+    plain = grads(encoder) | grads(loss_fn)
+    parameters = list(loss_fn.parameters())
+    cached_loss, _ = cached_step(encoder, loss_fn, batch, BACKWARD, False, 3, nullcontext, loss_parameters=parameters)
+    assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=TOLERANCE)
+    assert_same(grads(encoder) | grads(loss_fn), plain)
+    assert bool(parameters) == (name == "learned-temperature")

@@ -69,6 +69,34 @@ def test_truncated_and_half_precision_exports(tmp_path, tiny_model):
         assert weights.get_tensor(next(iter(weights.keys()))).dtype == torch.float16
 
 
+def test_a_cut_export_is_read_back_at_its_dimension_by_eval_and_mining(tmp_path, tiny_model, tiny_beir, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    from trainer.model.encoder import ModelError, embedding_config
+
+    source = embtrain_model(tiny_model, tmp_path / "model")
+    export(source, tmp_path / "st8", truncate_dim=8)
+    config = embedding_config(str(tmp_path / "st8"))
+    assert config.embedding_dim == 8
+    ours = Encoder.from_config(config).encode(PARITY_TEXTS[:3], is_query=True)
+    theirs = SentenceTransformer(str(tmp_path / "st8"), device="cpu").encode(PARITY_TEXTS[:3], convert_to_tensor=True)
+    assert ours.shape == (3, 8) and (ours - theirs).abs().max().item() <= 1e-5
+    # eval of the cut folder equals eval of the full model at @dim8; a second export keeps the cut
+    assert main(["eval", str(tmp_path / "st8"), "--beir", str(tiny_beir), "--json"]) == 0
+    cut = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", str(source), "--beir", str(tiny_beir), "--dims", "8", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cut["ndcg@10"] == pytest.approx(full["ndcg@10@dim8"], abs=1e-6)
+    assert full["ndcg@10"] != full["ndcg@10@dim8"]
+    # a Dense module that is not a cut is refused, not silently skipped
+    dense = tmp_path / "st8" / "2_Dense" / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"linear.weight": torch.randn(8, 32)}, str(dense))
+    with pytest.raises(ModelError, match="is a learned projection"):
+        embedding_config(str(tmp_path / "st8"))
+
+
 def test_refuses_bad_input_and_overwrites_only_when_asked(tmp_path, tiny_model):
     source = embtrain_model(tiny_model, tmp_path / "model")
     with pytest.raises(ExportError, match="not an embtrain model"):
