@@ -189,13 +189,7 @@ class Model:
 
 def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[str, float]:
     training = recipe.training
-    accelerator = Accelerator(
-        mixed_precision=training.mixed_precision,
-        gradient_accumulation_steps=training.gradient_accumulation_steps,
-        cpu=training.cpu,
-        log_with=recipe.logging.report_to or None,
-        step_scheduler_with_optimizer=False,
-    )
+    accelerator = build_accelerator(recipe)
     set_seed(recipe.seed)
     folder = check_run_dir(recipe, resume)
     run_dir = folder.path
@@ -215,21 +209,10 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     model, optimizer, scheduler = prepare_model(accelerator, recipe, encoder, loss_fn, frozen, data.total_steps)
     metrics_log = MetricsLog(accelerator, run_dir / METRICS_FILE)
 
-    state = TrainState(shape=asdict(data.shape))
-    if folder.resume:
-        state = resume_from(accelerator, run_dir, data.shape)
-        scheduler.load_state_dict(state.scheduler)
-        if accelerator.is_main_process:
-            truncate_metrics(run_dir / METRICS_FILE, state.step)
-        record_changes(folder, state.step, accelerator)
-        if state.finished and state.step >= data.total_steps:
-            accelerator.print(
-                f"{run_dir} is already finished at step {state.step} of {data.total_steps}; nothing to do "
-                "(raise training.max_steps or training.epochs to train further)"
-            )
-            accelerator.end_training()
-            return {}
-        state.finished = False
+    state = restore(accelerator, folder, data, scheduler) if folder.resume else TrainState(shape=asdict(data.shape))
+    if state is None:  # resumed a finished run
+        accelerator.end_training()
+        return {}
     if recipe.logging.report_to:
         accelerator.init_trackers(recipe.logging.project, config=flat_config(asdict(recipe)))
 
@@ -332,13 +315,47 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     if preemption.should_stop(accelerator):
         accelerator.end_training()
         raise Preempted(preemption.name, state.step, str(final))
+    report_end(accelerator, recipe, state, final)
+    return metrics
+
+
+def report_end(accelerator: Accelerator, recipe: Recipe, state: TrainState, final: Path) -> None:
     accelerator.print(f"saved {final}")
     if state.nonfinite_steps:
         accelerator.print(f"warning: {state.nonfinite_steps} step(s) skipped for a NaN or infinite loss or gradient")
     if state.best_step is not None:
         accelerator.print(f"best {recipe.evaluation.metric_for_best} {state.best_metric:.4f} at step {state.best_step}")
     accelerator.end_training()
-    return metrics
+
+
+def build_accelerator(recipe: Recipe) -> Accelerator:
+    training = recipe.training
+    return Accelerator(
+        mixed_precision=training.mixed_precision,
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        cpu=training.cpu,
+        log_with=recipe.logging.report_to or None,
+        step_scheduler_with_optimizer=False,
+    )
+
+
+def restore(accelerator: Accelerator, folder, data: TrainingData, scheduler) -> TrainState | None:
+    """The state of the newest checkpoint, everything restored from it, metrics after it dropped
+    and recipe changes recorded; None when that run is already finished."""
+    run_dir = folder.path
+    state = resume_from(accelerator, run_dir, data.shape)
+    scheduler.load_state_dict(state.scheduler)
+    if accelerator.is_main_process:
+        truncate_metrics(run_dir / METRICS_FILE, state.step)
+    record_changes(folder, state.step, accelerator)
+    if state.finished and state.step >= data.total_steps:
+        accelerator.print(
+            f"{run_dir} is already finished at step {state.step} of {data.total_steps}; nothing to do "
+            "(raise training.max_steps or training.epochs to train further)"
+        )
+        return None
+    state.finished = False
+    return state
 
 
 def build_collator(recipe: Recipe, encoder: Encoder, frozen: dict[str, Encoder]) -> Collator:
