@@ -81,3 +81,22 @@ def tiny_beir(tmp_path) -> Path:
         "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(12, 40))
     )
     return folder
+
+
+def write_recipe(tmp_path: Path, model: Path, pairs: Path, extra: str = "") -> Path:
+    """A 4-step recipe on the tiny model and pairs, saving every 2 steps; `extra` adds sections."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        f"""run_name: r
+seed: 3
+model: {{name_or_path: {model}, max_seq_length: 16}}
+data:
+  train: [{{kind: pairs, path: {pairs}, negatives_column: negatives}}]
+  batch_size: 8
+optimizer: {{lr: 1.0e-3}}
+training: {{max_steps: 4}}
+logging: {{log_every_steps: 1}}
+checkpointing: {{output_dir: {tmp_path / 'runs'}, every_steps: 2, keep_last: null}}
+{extra}"""
+    )
+    return path

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_pairs
+from conftest import make_pairs, write_recipe
 from trainer.config import load_recipe
 from trainer.data.errors import DataError
 from trainer.data.readers import read_training_data
@@ -15,20 +15,10 @@ from trainer.loop import train
 
 
 def write(tmp_path: Path, model: Path, pairs: Path, extra: str) -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(
-        f"""run_name: r
-seed: 3
-model: {{name_or_path: {model}, max_seq_length: 16}}
-data:
-  train: [{{kind: pairs, path: {pairs}, negatives_column: negatives}}]
-  batch_size: 8
-optimizer: {{lr: 1.0e-3}}
-training: {{max_steps: 3}}
-logging: {{log_every_steps: 1}}
-checkpointing: {{output_dir: {tmp_path / 'runs'}}}
-{extra}"""
-    )
+    """The shared tiny recipe, 3 steps, saving only at the end."""
+    path = write_recipe(tmp_path, model, pairs, extra)
+    text = path.read_text().replace("max_steps: 4", "max_steps: 3").replace("every_steps: 2, keep_last: null", "keep_last: 1")
+    path.write_text(text)
     return path
 
 

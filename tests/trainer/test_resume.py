@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import write_recipe
 from trainer import loop
 from trainer.cli import main
 from trainer.config import load_recipe
@@ -25,24 +26,6 @@ def fresh_accelerator_state():
 
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def write_recipe(tmp_path: Path, model: Path, pairs: Path, extra: str = "") -> Path:
-    path = tmp_path / "recipe.yaml"
-    path.write_text(
-        f"""run_name: r
-seed: 3
-model: {{name_or_path: {model}, max_seq_length: 16}}
-data:
-  train: [{{kind: pairs, path: {pairs}, negatives_column: negatives}}]
-  batch_size: 8
-optimizer: {{lr: 1.0e-3}}
-training: {{max_steps: 4}}
-logging: {{log_every_steps: 1}}
-checkpointing: {{output_dir: {tmp_path / 'runs'}, every_steps: 2, keep_last: null}}
-{extra}"""
-    )
-    return path
 
 
 def rows(run_dir: Path) -> list[dict]:
