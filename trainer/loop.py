@@ -179,6 +179,8 @@ class Model:
     loss_fn: torch.nn.Module
     frozen: dict[str, Encoder]
     loss_parameters: list[torch.nn.Parameter]
+    layers: tuple[int, ...] = ()
+    """Earlier layers whose embeddings the loss reads (2D Matryoshka)."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.parameters()) + self.loss_parameters
@@ -199,7 +201,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     # ---------------------------------------------------------------- setup
     examples = read_training_data(recipe.data.train, recipe.data.num_negatives)
     encoder = Encoder.from_config(recipe.model)
-    loss_fn = build_loss(recipe.loss, LossContext(dim=encoder.dim, normalized=recipe.model.normalize))
+    loss_fn = build_loss(recipe.loss, LossContext(encoder.dim, recipe.model.normalize, encoder.num_layers))
     frozen = {key: load_frozen(config) for key, config in loss_fn.frozen_encoders().items()}
     data = build_data(recipe, accelerator, examples, build_collator(recipe, encoder, frozen))
     evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)  # reads the sets
@@ -452,7 +454,7 @@ def prepare_model(
         loss_fn.to(accelerator.device)
     for frozen_encoder in frozen.values():
         frozen_encoder.to(accelerator.device)
-    return Model(encoder, loss_fn, frozen, loss_parameters), optimizer, scheduler
+    return Model(encoder, loss_fn, frozen, loss_parameters, loss_fn.layer_indices()), optimizer, scheduler
 
 
 def train_step(
@@ -461,7 +463,7 @@ def train_step(
     """Forward and backward of one batch, plain or cached."""
     training = recipe.training
     cross_device = training.cross_device_negatives and accelerator.num_processes > 1
-    options = {"frozen": model.frozen, "normalized": recipe.model.normalize}
+    options = {"frozen": model.frozen, "normalized": recipe.model.normalize, "layers": model.layers}
     if training.grad_cache_chunk_size is None:
         return plain_step(model.encoder, model.loss_fn, batch, accelerator.backward, cross_device, **options)
     return cached_step(

@@ -10,6 +10,7 @@ with the batch, and the cached one (GradCache), which embeds in chunks of
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from typing import Callable, ContextManager
 
 import torch
@@ -42,11 +43,18 @@ def loss_input(
     frozen: dict[str, torch.nn.Module],
     normalized: bool,
     chunk_size: int | None = None,
+    layers: tuple[int, ...] = (),
 ) -> LossInput:
     """The loss's view of a batch: its embeddings (B, D) / (B*(1+N), D), ids, sources, teacher
-    scores, and the same texts embedded by each frozen encoder."""
+    scores, and the same texts embedded by each frozen encoder. With `layers`, the embeddings are
+    (B, 1+K, D) / (B*(1+N), 1+K, D), the final ones first, then one per entry of `layers`."""
     positive, negatives = split_documents(documents, batch.size, batch.num_negatives)
     positive_ids, negative_ids = split_documents(batch.document_ids, batch.size, batch.num_negatives)
+    model = Embeddings(query, positive, negatives)
+    layer_embeddings = {}
+    if layers:
+        layer_embeddings = {layer: model.map(lambda t, k=k: t[..., k, :]) for k, layer in enumerate(layers, start=1)}
+        model = model.map(lambda t: t[..., 0, :])
     frozen_embeddings = {}
     for key, encoder in frozen.items():
         queries, docs = batch.frozen[key]
@@ -54,9 +62,9 @@ def loss_input(
         frozen_positive, frozen_negatives = split_documents(embed_frozen(encoder, docs, chunk_size), batch.size, batch.num_negatives)
         frozen_embeddings[key] = Embeddings(frozen_query, frozen_positive, frozen_negatives)
     return LossInput(
-        query=query,
-        positive=positive,
-        negatives=negatives,
+        query=model.query,
+        positive=model.positive,
+        negatives=model.negatives,
         query_ids=batch.query_ids,
         positive_ids=positive_ids,
         negative_ids=negative_ids,
@@ -64,6 +72,7 @@ def loss_input(
         in_batch=batch.in_batch,
         teacher_scores=batch.teacher_scores,
         frozen=frozen_embeddings,
+        layers=layer_embeddings,
         normalized=normalized,
     )
 
@@ -76,10 +85,12 @@ def plain_step(
     cross_device: bool,
     frozen: dict[str, torch.nn.Module] | None = None,
     normalized: bool = True,
+    layers: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    query = encoder(batch.queries)  # (B, D)
-    documents = encoder(batch.documents)  # (B*(1+N), D)
-    inputs = loss_input(batch, query, documents, frozen or {}, normalized)
+    embed = partial(encoder, layers=layers) if layers else encoder
+    query = embed(batch.queries)  # (B, D), or (B, 1+K, D) with layers
+    documents = embed(batch.documents)  # (B*(1+N), D), or (B*(1+N), 1+K, D)
+    inputs = loss_input(batch, query, documents, frozen or {}, normalized, layers=layers)
     if cross_device:
         inputs = inputs.gather()  # (W*B, ...) for every field
     loss, parts = loss_fn(inputs)
@@ -98,30 +109,39 @@ def cached_step(
     frozen: dict[str, torch.nn.Module] | None = None,
     normalized: bool = True,
     loss_parameters: list[torch.nn.Parameter] | None = None,
+    layers: tuple[int, ...] = (),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    embed = partial(encoder, layers=layers) if layers else encoder
     device = batch.queries["input_ids"].device
     query_chunks = split_features(batch.queries, chunk_size)
     document_chunks = split_features(batch.documents, chunk_size)
-    query, query_states = embed_without_grad(encoder, query_chunks, device)
-    documents, document_states = embed_without_grad(encoder, document_chunks, device)
-    inputs = loss_input(batch, query, documents, frozen or {}, normalized, chunk_size)
+    query, query_states = embed_without_grad(embed, query_chunks, device)
+    documents, document_states = embed_without_grad(embed, document_chunks, device)
+    inputs = loss_input(batch, query, documents, frozen or {}, normalized, chunk_size, layers)
 
-    # the loss and its gradient with respect to the (gathered) embeddings
+    # the loss and its gradient with respect to the (gathered) embeddings, earlier layers' included
     if cross_device:
         inputs = inputs.gather()
-    leaves = inputs.embeddings.map(lambda t: t.detach().requires_grad_())
-    inputs = inputs.with_embeddings(leaves)
+    leaves = [e.map(lambda t: t.detach().requires_grad_()) for e in inputs.model_embeddings()]
+    inputs = inputs.with_model_embeddings(leaves)
+    tensors = [t for e in leaves for t in e.tensors()]
     with torch.enable_grad():
         loss, parts = loss_fn(inputs)
         parameters = [p for p in loss_parameters or [] if p.requires_grad]
-        grads = torch.autograd.grad(loss, leaves.tensors(), retain_graph=bool(parameters), allow_unused=True)
+        grads = torch.autograd.grad(loss, tensors, retain_graph=bool(parameters), allow_unused=True)
         if parameters:  # the loss's own parameters (a learnable temperature) get their gradient here
             backward(loss, inputs=parameters)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves.tensors(), grads)]  # an ignored input
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]  # an ignored input
     if cross_device:  # every process computed the same global loss; DDP averages the W gradients
         grads = [local_rows(g, batch.size) * world_size() for g in grads]
-    query_grad = grads[0]
-    document_grad = torch.cat([grads[1]] + ([grads[2].reshape(-1, grads[2].shape[-1])] if len(grads) == 3 else []))
+    query_grads, document_grads = [], []
+    for embeddings in leaves:  # per layer: query (B, D), documents (B*(1+N), D)
+        count = len(embeddings.tensors())
+        mine, grads = grads[:count], grads[count:]
+        query_grads.append(mine[0])
+        document_grads.append(torch.cat([mine[1]] + ([mine[2].reshape(-1, mine[2].shape[-1])] if count == 3 else [])))
+    query_grad = torch.stack(query_grads, dim=1) if layers else query_grads[0]
+    document_grad = torch.stack(document_grads, dim=1) if layers else document_grads[0]
 
     # replay each chunk with gradient; gradients are synchronised once, after the last chunk
     chunks = list(zip(query_chunks, query_states, _row_slices(query_grad, query_chunks)))
@@ -129,7 +149,7 @@ def cached_step(
     for index, (chunk, state, grad) in enumerate(chunks):
         last = index == len(chunks) - 1
         with (nullcontext() if last else no_sync()), state.replay():
-            embeddings = encoder(chunk)
+            embeddings = embed(chunk)
             backward((embeddings * grad.to(embeddings.dtype)).sum())
     return loss.detach(), parts
 

@@ -2,6 +2,7 @@
 in-batch negatives, Matryoshka evaluation."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,29 @@ evaluation:
         assert 0 <= metrics[f"tiny/ndcg@10{suffix}"] <= 1
     state = json.loads((tmp_path / "runs" / "r" / "step_3" / "trainer_state.json").read_text())
     assert state["best_metric"] == metrics["tiny/ndcg@10@dim8"]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_2d_matryoshka_gets_earlier_layers_with_gradient(tmp_path, tiny_model, pairs_file, monkeypatch, cached):
+    from trainer import step
+
+    seen = []
+    original = step.loss_input
+
+    def spy(*args, **kwargs):
+        inputs = original(*args, **kwargs)
+        seen.append({k: (e.query.shape, e.query.requires_grad) for k, e in inputs.layers.items()})
+        return inputs
+
+    monkeypatch.setattr(step, "loss_input", spy)
+    recipe = write(
+        tmp_path, tiny_model, pairs_file,
+        "loss: [{kind: adaptive_layers, terms: [{kind: matryoshka, dims: [32, 16], terms: [{kind: infonce}]}]}]",
+    )
+    overrides = ["training.grad_cache_chunk_size=3"] if cached else []
+    before = load_recipe(recipe, overrides)
+    train(before)
+    assert len(seen) == 3
+    assert all(s == {0: ((8, 32), not cached), 1: ((8, 32), not cached)} for s in seen)
+    lines = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(line["loss"]) for line in lines if "loss" in line)

@@ -107,9 +107,12 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str)
             loss_fn = LOSS if configs is None else build(configs)
             parameters = list(loss_fn.parameters())
             wrapped = torch.nn.parallel.DistributedDataParallel(loss_fn) if parameters else loss_fn
-            loss, _ = plain_step(model, wrapped, batch, BACKWARD, cross_device=True)
+            layers = loss_fn.layer_indices()
+            loss, _ = plain_step(model, wrapped, batch, BACKWARD, cross_device=True, layers=layers)
             plain = grads(encoder) | grads(loss_fn)
-            cached, _ = cached_step(model, wrapped, batch, BACKWARD, True, 3, model.no_sync, loss_parameters=parameters)
+            cached, _ = cached_step(
+                model, wrapped, batch, BACKWARD, True, 3, model.no_sync, loss_parameters=parameters, layers=layers
+            )
             cached_grads = grads(encoder) | grads(loss_fn)
             results[name] = {"loss": loss.item(), "cached_loss": cached.item(), "grads": plain, "cached_grads": cached_grads}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
@@ -130,7 +133,7 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_model, t
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for name, configs in [("infonce", None)] + list(loss_configs().items()):
         loss_fn = LOSS if configs is None else build(configs)
-        loss, _ = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False)
+        loss, _ = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False, layers=loss_fn.layer_indices())
         single = grads(encoder) | grads(loss_fn)
         for result in results:
             assert result[name]["loss"] == pytest.approx(loss.item(), abs=TOLERANCE), name
@@ -157,6 +160,7 @@ def test_gradient_checkpointing_keeps_gradients(tiny_model):
 
 
 def loss_configs():
+    from trainer.losses.adaptive_layers import AdaptiveLayersConfig
     from trainer.losses.gor import GORConfig
     from trainer.losses.matryoshka import MatryoshkaConfig
 
@@ -169,11 +173,17 @@ def loss_configs():
         "gte+gor": [gte, GORConfig(kind="gor", weight=0.3)],
         "learned-temperature": [InfoNCEConfig(kind="infonce", learn_temperature=True, temperature=0.05)],
         "matryoshka-gor-only": [MatryoshkaConfig(kind="matryoshka", dims=[32, 8], terms=[GORConfig(kind="gor")])],
+        "2d-matryoshka": [
+            AdaptiveLayersConfig(
+                kind="adaptive_layers", layers_per_step=None, layer_weighting="linear",
+                terms=[MatryoshkaConfig(kind="matryoshka", dims=[32, 8], terms=[InfoNCEConfig(kind="infonce")])],
+            )
+        ],
     }
 
 
 def build(configs) -> torch.nn.Module:
-    return build_loss(configs, LossContext(dim=32, normalized=True)).double()
+    return build_loss(configs, LossContext(dim=32, normalized=True, num_layers=2)).double()
 
 
 @pytest.mark.parametrize("name", list(loss_configs()))
@@ -182,10 +192,13 @@ def test_cached_equals_plain_for_every_loss(tiny_model, name):
     encoder = load(tiny_model).eval()
     batch = batch_of(encoder, examples())
     loss_fn = build(loss_configs()[name])
-    plain_loss, _ = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False)
+    layers = loss_fn.layer_indices()
+    plain_loss, _ = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False, layers=layers)
     plain = grads(encoder) | grads(loss_fn)
     parameters = list(loss_fn.parameters())
-    cached_loss, _ = cached_step(encoder, loss_fn, batch, BACKWARD, False, 3, nullcontext, loss_parameters=parameters)
+    cached_loss, _ = cached_step(
+        encoder, loss_fn, batch, BACKWARD, False, 3, nullcontext, loss_parameters=parameters, layers=layers
+    )
     assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=TOLERANCE)
     assert_same(grads(encoder) | grads(loss_fn), plain)
     assert bool(parameters) == (name == "learned-temperature")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.losses import gor, infonce, matryoshka  # noqa: F401 - registers the kinds
+from trainer.losses import adaptive_layers, gor, infonce, matryoshka  # noqa: F401 - registers the kinds
 from trainer.losses.base import LossConfig, LossContext, LossTerm
 from trainer.losses.inputs import Embeddings, LossInput
 
@@ -37,6 +37,10 @@ class WeightedLoss(torch.nn.Module):
     def frozen_encoders(self) -> dict[str, object]:
         """Frozen models the terms read (key -> `FrozenModelConfig`), each loaded once."""
         return {k: v for term in self.terms for k, v in term.frozen_encoders().items()}
+
+    def layer_indices(self) -> tuple[int, ...]:
+        """Earlier layers whose pooled embeddings the terms read (the step computes them)."""
+        return tuple(sorted({i for term in self.terms for i in term.layer_indices()}))
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

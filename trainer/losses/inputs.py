@@ -4,6 +4,7 @@
     query_ids  (B,)       positive_ids (B,)   negative_ids (B, N) or None   stable text ids
     source     (B,)       in_batch (B,)       teacher_scores (B, 1+N) or None
     frozen     {name: Embeddings}   the same texts embedded by frozen encoders (a guide model)
+    layers     {layer: Embeddings}  the model's embeddings pooled from earlier layers (2D Matryoshka)
 
 Text ids are `text_key` hashes of the raw texts (without prompts): equal ids mean equal texts,
 in every process. After `gather()` every field holds the rows of all processes, rank-major, so a
@@ -68,6 +69,10 @@ class LossInput:
     """(B, 1+N) float32 teacher scores of the positive then each hard negative, when the data has them."""
     frozen: dict[str, Embeddings] = field(default_factory=dict)
     """The same texts embedded by frozen encoders (no gradient), by name."""
+    layers: dict[int, Embeddings] = field(default_factory=dict)
+    """The model's embeddings pooled from the output of its first `layer` transformer layers (0: the
+    token embeddings), for the layers the terms ask for (`LossTerm.layer_indices`); they carry a
+    gradient like the final ones."""
     normalized: bool = True
     """Whether the embeddings are unit vectors (model.normalize): truncation re-normalises them."""
 
@@ -106,11 +111,24 @@ class LossInput:
             self, query=embeddings.query, positive=embeddings.positive, negatives=embeddings.negatives
         )
 
+    def at_layer(self, layer: int) -> "LossInput":
+        """The embeddings pooled from `layer` in place of the final ones (which a term then sees)."""
+        return dataclasses.replace(self.with_embeddings(self.layers[layer]), layers={})
+
+    def model_embeddings(self) -> list[Embeddings]:
+        """The model's own embeddings: the final ones, then each entry of `layers` by layer."""
+        return [self.embeddings] + [self.layers[k] for k in sorted(self.layers)]
+
+    def with_model_embeddings(self, embeddings: list[Embeddings]) -> "LossInput":
+        """The inverse of `model_embeddings`."""
+        layers = dict(zip(sorted(self.layers), embeddings[1:]))
+        return dataclasses.replace(self.with_embeddings(embeddings[0]), layers=layers)
+
     def truncated(self, dim: int) -> "LossInput":
-        """The first `dim` dimensions of the model's embeddings (re-normalised when they were unit
-        vectors); frozen encoders' embeddings are left whole."""
+        """The first `dim` dimensions of the model's embeddings, earlier layers' included
+        (re-normalised when they were unit vectors); frozen encoders' embeddings are left whole."""
         cut = lambda t: F.normalize(t[..., :dim], dim=-1) if self.normalized else t[..., :dim]  # noqa: E731
-        return self.with_embeddings(self.embeddings.map(cut))
+        return self.with_model_embeddings([e.map(cut) for e in self.model_embeddings()])
 
     def map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "LossInput":
         """`fn` applied to every tensor field, frozen embeddings included."""
@@ -119,7 +137,7 @@ class LossInput:
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 changes[f.name] = fn(value)
-            elif f.name == "frozen":
+            elif f.name in ("frozen", "layers"):
                 changes[f.name] = {name: e.map(fn) for name, e in value.items()}
         return dataclasses.replace(self, **changes)
 

@@ -367,12 +367,23 @@ class Encoder(torch.nn.Module):
         """The size of the embeddings it returns (model.embedding_dim when set)."""
         return self.config.embedding_dim or self.backbone.config.hidden_size
 
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Tokenised texts to embeddings (B, D)."""
-        hidden = self.backbone(**features).last_hidden_state  # (B, L, H)
-        embeddings = self.pool(hidden, features["attention_mask"])
+    @property
+    def num_layers(self) -> int | None:
+        """Transformer layers of the backbone, when its config says."""
+        layers = getattr(self.backbone.config, "num_hidden_layers", None)
+        return layers if isinstance(layers, int) else None
+
+    def forward(self, features: dict[str, torch.Tensor], layers: tuple[int, ...] = ()) -> torch.Tensor:
+        """Tokenised texts to embeddings (B, D). With `layers`, (B, 1+K, D): the final embeddings,
+        then those pooled the same way from the output of each of the first `layers[k]` transformer
+        layers (0: the token embeddings), for 2D Matryoshka losses."""
+        output = self.backbone(**features, **({"output_hidden_states": True} if layers else {}))
+        mask = features["attention_mask"]
+        embeddings = self.pool(output.last_hidden_state, mask)  # (B, L, H) -> (B, H)
+        if layers:
+            embeddings = torch.stack([embeddings] + [self.pool(output.hidden_states[k], mask) for k in layers], dim=1)
         if self.config.embedding_dim is not None:
-            embeddings = embeddings[:, : self.config.embedding_dim]
+            embeddings = embeddings[..., : self.config.embedding_dim]
         if self.config.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
         return embeddings
