@@ -91,7 +91,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.model.encoder import Encoder, SequenceLengthError, embedding_config
 
     config = embedding_config(args.model, args.trust_remote_code)
-    for field in ("pooling", "max_seq_length", "query_prompt", "document_prompt"):
+    for field in ("pooling", "max_seq_length", "query_prompt", "document_prompt", "num_layers"):
         if getattr(args, field) is not None:
             setattr(config, field, getattr(args, field))
     if args.no_normalize:
@@ -175,6 +175,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.out,
         dtype=args.dtype,
         truncate_dim=args.dim,
+        num_layers=args.layers,
         overwrite=args.overwrite,
         check=not args.no_check,
         onnx=args.onnx,
@@ -249,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--dims", type=positive_int, nargs="+", help="also report each metric with embeddings cut to these sizes (@dimN)"
     )
+    evaluate.add_argument(
+        "--layers", dest="num_layers", type=positive_int,
+        help="keep only the first N transformer layers (models trained with adaptive_layers)",
+    )
     evaluate.add_argument("--device", help="e.g. cuda or cpu (default: cpu)")
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     evaluate.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -259,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write")
     export.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="weight precision")
     export.add_argument("--dim", type=positive_int, help="truncate embeddings to the first N dimensions (Matryoshka models)")
+    export.add_argument(
+        "--layers", type=positive_int, help="keep only the first N transformer layers (models trained with adaptive_layers)"
+    )
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     export.add_argument("--onnx", action="store_true", help="also write onnx/model.onnx (pip install 'embtrain[onnx]')")
     export.add_argument("--no-check", action="store_true", help="skip the parity checks")

@@ -49,12 +49,17 @@ class ModelConfig:
     embedding_dim: int | None = None
     """Keep only the first N dimensions of every embedding (re-normalised when `normalize`): a
     Matryoshka model cut to size. Read from a folder exported with `--dim`; null: all of them."""
+    num_layers: int | None = None
+    """Keep only the first N transformer layers of the backbone: a model trained with the
+    `adaptive_layers` loss (2D Matryoshka) made smaller and faster; null: all of them."""
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 1:
             raise FieldError("max_seq_length", f"must be >= 1, got {self.max_seq_length}")
         if self.embedding_dim is not None and self.embedding_dim < 1:
             raise FieldError("embedding_dim", f"must be >= 1 or null, got {self.embedding_dim}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise FieldError("num_layers", f"must be >= 1 or null, got {self.num_layers}")
 
 
 # ----------------------------------------------------------------------------- data

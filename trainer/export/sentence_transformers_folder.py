@@ -67,10 +67,12 @@ def model_folder(checkpoint: str | Path) -> Path:
     return path
 
 
-def load_checked(folder: Path, trust_remote_code: bool = False) -> Encoder:
+def load_checked(folder: Path, trust_remote_code: bool = False, num_layers: int | None = None) -> Encoder:
     try:
         config = saved_model_config(str(folder))
         config.trust_remote_code = trust_remote_code
+        if num_layers is not None:
+            config.num_layers = num_layers
         return Encoder.from_config(config)
     except ModelError as exc:  # corrupt weights or settings, named by the encoder
         raise ExportError(f"{folder}: cannot load the model: {exc}") from None
@@ -199,16 +201,18 @@ def export(
     *,
     dtype: str = "fp32",
     truncate_dim: int | None = None,
+    num_layers: int | None = None,
     overwrite: bool = False,
     check: bool = True,
     onnx: bool = False,
     trust_remote_code: bool = False,
 ) -> ExportResult:
     """Export, then check parity on fixed texts (queries and documents, with their prompts).
-    Every check on `out` runs before anything is written or deleted."""
+    Every check on `out` runs before anything is written or deleted. `num_layers` keeps only the
+    first transformer layers (a 2D-Matryoshka model made smaller)."""
     source = model_folder(checkpoint)
     out = check_out(Path(checkpoint), source, Path(out), overwrite)
-    encoder = load_checked(source, trust_remote_code)
+    encoder = load_checked(source, trust_remote_code, num_layers)
     if truncate_dim is not None and not 0 < truncate_dim <= encoder.dim:
         raise ExportError(f"--dim {truncate_dim} must be between 1 and the model's {encoder.dim}")
     expected_queries = reference_embeddings(encoder, PARITY_TEXTS, truncate_dim, is_query=True)

@@ -326,6 +326,31 @@ def _load_backbone(path: str, trust_remote_code: bool = False) -> torch.nn.Modul
     return backbone
 
 
+def keep_first_layers(backbone: torch.nn.Module, count: int, name: str) -> None:
+    """Cut the backbone to its first `count` transformer layers, in place; its config says so too,
+    so that a saved copy is a smaller model of the same architecture."""
+    total = getattr(backbone.config, "num_hidden_layers", None)
+    if not isinstance(total, int):
+        raise ModelError(f"model.num_layers: {name}'s config gives no num_hidden_layers, so its layers cannot be cut")
+    if not 1 <= count <= total:
+        raise ModelError(f"model.num_layers {count}: {name} has {total} layers; keep between 1 and {total}")
+    if count == total:
+        return
+    stacks = [n for n, m in backbone.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total]
+    if len(stacks) != 1:
+        raise ModelError(
+            f"model.num_layers: cannot tell which module list of {type(backbone).__name__} holds its {total} layers "
+            f"(found {len(stacks)}: {', '.join(stacks) or 'none'})"
+        )
+    parent_name, _, attribute = stacks[0].rpartition(".")
+    parent = backbone.get_submodule(parent_name)
+    setattr(parent, attribute, torch.nn.ModuleList(list(getattr(parent, attribute))[:count]))
+    backbone.config.num_hidden_layers = count
+    layer_types = getattr(backbone.config, "layer_types", None)  # per-layer attention kinds (Qwen2, Gemma)
+    if isinstance(layer_types, list) and len(layer_types) == total:
+        backbone.config.layer_types = layer_types[:count]
+
+
 def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:
     """Non-reentrant checkpointing (works with GradCache's replays); the name changed in transformers 5."""
     options = {"use_reentrant": False}
@@ -355,6 +380,8 @@ class Encoder(torch.nn.Module):
             raise load_error(config.name_or_path, path, "weights", exc) from None
         if tokenizer.pad_token is None:  # decoder LLMs often have none
             tokenizer.pad_token = tokenizer.eos_token
+        if config.num_layers is not None:
+            keep_first_layers(backbone, config.num_layers, config.name_or_path)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(backbone)
         hidden = getattr(backbone.config, "hidden_size", None)
@@ -381,12 +408,23 @@ class Encoder(torch.nn.Module):
         mask = features["attention_mask"]
         embeddings = self.pool(output.last_hidden_state, mask)  # (B, L, H) -> (B, H)
         if layers:
-            embeddings = torch.stack([embeddings] + [self.pool(output.hidden_states[k], mask) for k in layers], dim=1)
+            earlier = [self.pool(self._layer_output(output.hidden_states, k), mask) for k in layers]
+            embeddings = torch.stack([embeddings] + earlier, dim=1)
         if self.config.embedding_dim is not None:
             embeddings = embeddings[..., : self.config.embedding_dim]
         if self.config.normalize:
             embeddings = F.normalize(embeddings, p=2, dim=-1)
         return embeddings
+
+    def _layer_output(self, hidden_states: tuple[torch.Tensor, ...], layer: int) -> torch.Tensor:
+        """The token states after `layer` layers as the model cut to `layer` layers gives them:
+        through the backbone's final norm when it has one (Llama, Qwen2), which transformers
+        applies to the last entry of `hidden_states` only."""
+        states = hidden_states[layer]
+        final_norm = getattr(self.backbone, "norm", None)
+        if layer < len(hidden_states) - 1 and isinstance(final_norm, torch.nn.Module):
+            states = final_norm(states)
+        return states
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
         return tokenize(self.tokenizer, texts, self.config.max_seq_length)

@@ -97,6 +97,33 @@ def test_a_cut_export_is_read_back_at_its_dimension_by_eval_and_mining(tmp_path,
         embedding_config(str(tmp_path / "st8"))
 
 
+def test_a_layer_cut_export_embeds_like_the_full_models_earlier_layer(tmp_path, tiny_model, tiny_beir, capsys):
+    """--layers 1 writes a 1-layer model whose embeddings are the full model's pooled layer-1 output
+    (what adaptive_layers trains), loaded as such by sentence-transformers and by eval."""
+    from sentence_transformers import SentenceTransformer
+
+    from trainer.model.encoder import ModelError
+
+    source = embtrain_model(tiny_model, tmp_path / "model")
+    result = export(source, tmp_path / "st1", num_layers=1)
+    assert result.max_abs_diff <= 1e-5
+    full = Encoder.from_config(ModelConfig(name_or_path=str(source), max_seq_length=32)).eval()
+    with torch.no_grad():
+        layer1 = full(full.tokenize(PARITY_TEXTS[:3]), layers=(1,))[:, 1]
+    theirs = SentenceTransformer(str(tmp_path / "st1"), device="cpu").encode(PARITY_TEXTS[:3], convert_to_tensor=True)
+    assert (theirs - layer1).abs().max().item() <= 1e-5
+    assert json.loads((tmp_path / "st1" / "config.json").read_text())["num_hidden_layers"] == 1
+    # eval --layers 1 on the full model equals eval of the cut folder
+    assert main(["eval", str(tmp_path / "st1"), "--beir", str(tiny_beir), "--json"]) == 0
+    cut = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", str(source), "--beir", str(tiny_beir), "--layers", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == pytest.approx(cut, abs=1e-6)
+    with pytest.raises(ExportError, match="has 2 layers; keep between 1 and 2"):
+        export(source, tmp_path / "st3", num_layers=3)
+    with pytest.raises(ModelError, match="has 2 layers"):
+        Encoder.from_config(ModelConfig(name_or_path=str(source), max_seq_length=32, num_layers=5))
+
+
 def test_refuses_bad_input_and_overwrites_only_when_asked(tmp_path, tiny_model):
     source = embtrain_model(tiny_model, tmp_path / "model")
     with pytest.raises(ExportError, match="not an embtrain model"):

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -141,6 +142,30 @@ def test_encoder_pools_earlier_layers(tiny_model):
     mask = features["attention_mask"].unsqueeze(-1).float()
     layer1 = F.normalize((states[1] * mask).sum(1) / mask.sum(1), dim=-1)
     torch.testing.assert_close(stacked[:, 2], layer1)
+
+
+def test_a_decoders_earlier_layer_is_what_the_model_cut_to_that_layer_gives(tmp_path):
+    """Llama and Qwen2 norm the last layer's output only; the earlier layers go through that norm
+    too, so the loss trains what `model.num_layers` (export --layers) then serves."""
+    from transformers import Qwen2Config, Qwen2Model, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<unk>", "alpha", "beta", "gamma", "delta"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    Qwen2Model(config).save_pretrained(tmp_path)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>").save_pretrained(tmp_path)
+    settings_file = tmp_path / "tokenizer_config.json"  # not Qwen2's own tokenizer class, which the model type implies
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"}))
+    settings = {"name_or_path": str(tmp_path), "pooling": "last_token", "max_seq_length": 16}
+    full = Encoder.from_config(ModelConfig(**settings)).eval()
+    cut = Encoder.from_config(ModelConfig(**settings, num_layers=2)).eval()
+    features = {"input_ids": torch.tensor([[2, 3, 4], [5, 2, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]])}
+    with torch.no_grad():
+        torch.testing.assert_close(full(features, layers=(2,))[:, 1], cut(features))
+        torch.testing.assert_close(full(features, layers=(3,))[:, 1], full(features))
 
 
 def test_equals_sentence_transformers_adaptive_layer_loss(tiny_model):
