@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from trainer.schema import Builder, FieldError, RecipeError, set_by_path
+from trainer.schema import Builder, FieldError, RecipeError, register_kind, set_by_path
 
 __all__ = ["Recipe", "RecipeError", "load_recipe", "parse_overrides", "recipe_to_yaml"]
 
@@ -67,8 +67,10 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class SourceOptions:
-    """Options every kind of training source has."""
+    """Options every kind of training source has; a kind is a subclass with a `kind` literal,
+    registered with `@register_kind`, and its reader in `trainer/data/readers.py` (`@reads`)."""
 
+    registry: ClassVar[dict[str, type["SourceOptions"]]] = {}
     max_examples: int | None = None
     """Use only the first N pairs (for quick experiments)."""
     name: str | None = None
@@ -93,6 +95,7 @@ class SourceOptions:
             raise FieldError("weight", f"must be > 0, got {self.weight}")
 
 
+@register_kind
 @dataclass
 class PairsSource(SourceOptions):
     """Rows of (query, positive, optional hard negatives) in jsonl, csv, tsv or parquet."""
@@ -113,6 +116,7 @@ class PairsSource(SourceOptions):
     (`teacher_scores`, written by `embtrain prep score`). Losses that distill read them."""
 
 
+@register_kind
 @dataclass
 class BeirSource(SourceOptions):
     """A BEIR folder: corpus.jsonl, queries.jsonl and qrels/<split>.tsv; one pair per relevant qrel."""
@@ -126,7 +130,8 @@ class BeirSource(SourceOptions):
     """A qrel counts as a positive when its score is at least this."""
 
 
-TrainSource = PairsSource | BeirSource
+TrainSource = SourceOptions
+"""Any registered kind of training source."""
 
 
 @dataclass
@@ -273,8 +278,21 @@ class TrainingConfig:
 # ----------------------------------------------------------------------------- evaluation
 
 
+@dataclass(kw_only=True)
+class EvalSetConfig:
+    """An evaluation set; a kind is a subclass with a `kind` literal, registered with
+    `@register_kind`, and its evaluator in `trainer/evaluation/__init__.py` (`EVALUATORS`)."""
+
+    registry: ClassVar[dict[str, type["EvalSetConfig"]]] = {}
+
+    def files(self) -> list[Path]:
+        """The files the set reads (their content keys the evaluation cache)."""
+        return [Path(self.path)]
+
+
+@register_kind
 @dataclass
-class RetrievalEvalConfig:
+class RetrievalEvalConfig(EvalSetConfig):
     """Exact-search retrieval on a BEIR folder: nDCG@10, MRR@10, Recall@10, Recall@100."""
 
     METRICS: ClassVar[tuple[str, ...]] = ("ndcg@10", "mrr@10", "recall@10", "recall@100")
@@ -296,9 +314,14 @@ class RetrievalEvalConfig:
         if self.max_queries is not None and self.max_queries < 1:
             raise FieldError("max_queries", f"must be >= 1 or null (all queries), got {self.max_queries}")
 
+    def files(self) -> list[Path]:
+        folder = Path(self.path)
+        return [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{self.split}.tsv"]
 
+
+@register_kind
 @dataclass
-class STSEvalConfig:
+class STSEvalConfig(EvalSetConfig):
     """Spearman correlation between cosine similarity and gold scores of sentence pairs."""
 
     METRICS: ClassVar[tuple[str, ...]] = ("spearman",)
@@ -318,8 +341,6 @@ class STSEvalConfig:
         if self.batch_size < 1:
             raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
 
-
-EvalSetConfig = RetrievalEvalConfig | STSEvalConfig
 
 
 @dataclass

@@ -54,6 +54,19 @@ def kind_of(cls: type) -> str:
     return value
 
 
+def register_kind(cls: type) -> type:
+    """Class decorator: makes the tagged dataclass `cls` a kind of the nearest base class that has
+    its own `registry` (a `kind:` part of the recipe: training sources, evaluation sets)."""
+    for base in cls.__mro__[1:]:
+        if "registry" in base.__dict__:
+            kind = kind_of(cls)
+            if kind in base.registry:
+                raise ValueError(f"{base.__name__} kind {kind!r} is registered twice")
+            base.registry[kind] = cls
+            return cls
+    raise TypeError(f"{cls.__name__} has no base class with a registry of kinds")
+
+
 class Builder:
     """Builds dataclasses from data; `source` names the file for error messages."""
 

@@ -378,3 +378,14 @@ def test_checks_also_apply_when_sections_are_built_in_code():
         OptimizerConfig(betas=[0.9, 1.0])
     with pytest.raises(ValueError, match="max_examples must be >= 1"):
         PairsSource(kind="pairs", path="x", max_examples=0)
+
+
+def test_every_registered_kind_has_its_implementation():
+    from trainer.config import EvalSetConfig, SourceOptions
+    from trainer.data.readers import READERS
+    from trainer.evaluation import EVALUATORS
+    from trainer.losses import LossConfig
+
+    assert set(SourceOptions.registry) == set(READERS) == {"pairs", "beir"}
+    assert set(EvalSetConfig.registry) == set(EVALUATORS) == {"retrieval", "sts"}
+    assert {"infonce", "matryoshka", "adaptive_layers", "gor"} <= set(LossConfig.registry)

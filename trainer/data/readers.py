@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -19,6 +20,21 @@ from trainer.data.beir import JSON_KINDS, jsonl_rows, read_beir, text_lines
 from trainer.data.errors import DataError
 from trainer.data.examples import Example
 from trainer.data.training_set import TextKeys, TrainingSet, text_key
+from trainer.schema import kind_of
+
+READERS: dict[str, Callable[..., SourceTable]] = {}
+"""The reader of each kind of training source: (source, num_negatives, index) -> SourceTable."""
+
+
+def reads(cls: type) -> Callable:
+    """Decorator: the function reads training sources of the kind `cls`."""
+
+    def register(fn: Callable[..., SourceTable]) -> Callable[..., SourceTable]:
+        READERS[kind_of(cls)] = fn
+        return fn
+
+    return register
+
 
 _CHUNK = 4096
 FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
@@ -212,6 +228,7 @@ class SourceTable:
     num_negatives: int
 
 
+@reads(PairsSource)
 def read_pairs(source: PairsSource, num_negatives: int | None, index: int = 0) -> SourceTable:
     table = load_table(source.path, source.format)
     columns = {"query": source.query_column, "positive": source.positive_column}
@@ -290,6 +307,7 @@ def _scan(table, name: str, columns: dict[str, str], num_negatives: int | None, 
     return SourceTable(table, keys, width)
 
 
+@reads(BeirSource)
 def read_beir_pairs(source: BeirSource, num_negatives: int | None, index: int = 0) -> SourceTable:
     import datasets
 
@@ -311,12 +329,7 @@ def read_beir_pairs(source: BeirSource, num_negatives: int | None, index: int = 
 
 
 def read_source(source: TrainSource, num_negatives: int | None = None, index: int = 0) -> SourceTable:
-    if isinstance(source, PairsSource):
-        part = read_pairs(source, num_negatives, index)
-    elif isinstance(source, BeirSource):
-        part = read_beir_pairs(source, num_negatives, index)
-    else:  # pragma: no cover - the schema only builds the kinds above
-        raise TypeError(f"unknown source {source!r}")
+    part = READERS[source.kind](source, num_negatives, index)
     if len(part.keys) == 0:
         raise DataError(f"{source.path}: no training examples")
     return part

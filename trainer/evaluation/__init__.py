@@ -8,6 +8,7 @@ import torch
 
 from trainer.config import EvalSetConfig, RetrievalEvalConfig, STSEvalConfig, dim_suffix
 from trainer.evaluation.retrieval import RetrievalEvaluator
+from trainer.schema import kind_of
 from trainer.evaluation.sts import STSEvaluator
 from trainer.evaluation.sharded import TextEncoder
 
@@ -15,12 +16,15 @@ Evaluator = Callable[[TextEncoder], dict[str, float]]
 """Called with an `Encoder`, or a `ShardedEncoder` on every process during training."""
 
 
+EVALUATORS: dict[str, Callable[[EvalSetConfig], Evaluator]] = {
+    kind_of(RetrievalEvalConfig): RetrievalEvaluator,
+    kind_of(STSEvalConfig): STSEvaluator,
+}
+"""The evaluator of each kind of evaluation set (`EvalSetConfig.registry`), built from its config."""
+
+
 def build_evaluator(config: EvalSetConfig) -> Evaluator:
-    if isinstance(config, RetrievalEvalConfig):
-        return RetrievalEvaluator(config)
-    if isinstance(config, STSEvalConfig):
-        return STSEvaluator(config)
-    raise TypeError(f"no evaluator for {config!r}")  # pragma: no cover
+    return EVALUATORS[config.kind](config)
 
 
 class MemoEncoder:

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from trainer.config import EvalSetConfig, ModelConfig, RetrievalEvalConfig
+from trainer.config import EvalSetConfig, ModelConfig
 from trainer.model.encoder import resolve_model_path
 
 CACHE_VERSION = 2
@@ -36,14 +36,6 @@ def _weights_digest(folder: Path) -> str | None:
     return _files_digest(files) if files else None
 
 
-def eval_files(eval_set: EvalSetConfig) -> list[Path]:
-    """The files an evaluation set reads."""
-    if isinstance(eval_set, RetrievalEvalConfig):
-        folder = Path(eval_set.path)
-        return [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{eval_set.split}.tsv"]
-    return [Path(eval_set.path)]
-
-
 def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | None = None) -> str | None:
     """None when the model is not a local folder (nothing to fingerprint)."""
     folder = Path(resolve_model_path(model.name_or_path))
@@ -55,7 +47,7 @@ def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | Non
     # only what changes the numbers: the files' content stands for their path, names are prefixes
     settings = {k: getattr(model, k) for k in ("pooling", "normalize", "max_seq_length", "query_prompt", "document_prompt", "embedding_dim")}
     eval_settings = {k: v for k, v in asdict(eval_set).items() if k not in ("name", "path")}
-    data = _files_digest(eval_files(eval_set))
+    data = _files_digest(eval_set.files())
     blob = json.dumps([CACHE_VERSION, weights, settings, eval_settings, data] + ([sorted(dims)] if dims else []), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
