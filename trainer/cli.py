@@ -14,6 +14,7 @@ from trainer.config import (
     RecipeError,
     RetrievalEvalConfig,
     STSEvalConfig,
+    TextsSource,
     load_recipe,
     recipe_to_yaml,
 )
@@ -32,11 +33,15 @@ def check_paths(recipe) -> list[str]:
         if not path_exists(source.path):
             missing.append(f"data.train.{i}.path: {source.path} not found")
             continue
-        if not isinstance(source, PairsSource):
+        if isinstance(source, PairsSource):
+            keys = ("query_column", "positive_column", "negatives_column", "teacher_scores_column")
+            mapped = [(key, getattr(source, key)) for key in keys]
+        elif isinstance(source, TextsSource) and source.format != "stsb":
+            mapped = [("text_columns", c) for c in source.text_columns] + [("title_column", source.title_column)]
+        else:
             continue
         columns = peek_columns(source.path, source.format)
-        for key in ("query_column", "positive_column", "negatives_column", "teacher_scores_column"):
-            wanted = getattr(source, key)
+        for key, wanted in mapped:
             if columns is not None and wanted is not None and wanted not in columns:
                 missing.append(f"data.train.{i}.{key}: {source.path} has no column '{wanted}' (columns: {columns})")
     for i, eval_set in enumerate(recipe.evaluation.sets):

@@ -130,6 +130,35 @@ class BeirSource(SourceOptions):
     """A qrel counts as a positive when its score is at least this."""
 
 
+@register_kind
+@dataclass
+class TextsSource(SourceOptions):
+    """Single texts, no pairs: the data of embedding distillation (`embed_distill`, `jasper`),
+    which needs only the teacher's embedding of each text. Rows of jsonl, csv, tsv or parquet (a
+    BEIR corpus.jsonl or queries.jsonl too), or both sentences of an STS Benchmark file. Each
+    distinct text is used once per epoch, embedded with the query prompt."""
+
+    kind: Literal["texts"]
+    path: str
+    """File (or glob) to read, relative to the working directory."""
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "stsb"] = "auto"
+    """File format; `auto` picks it from the extension; `stsb`: the STS Benchmark's tab-separated
+    files (both sentences of every row)."""
+    text_columns: list[str] = field(default_factory=lambda: ["text"])
+    """Columns holding texts; every column of every row is one text."""
+    title_column: str | None = None
+    """A column put before the text with a space (`title` of a BEIR corpus); one text column only."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.text_columns:
+            raise FieldError("text_columns", "needs at least one column")
+        if self.title_column is not None and len(self.text_columns) != 1:
+            raise FieldError("title_column", f"goes with one text column, got text_columns {self.text_columns}")
+        if self.in_batch_negatives is False:
+            raise FieldError("in_batch_negatives", "a texts source has no pairs, so no negatives to switch off")
+
+
 TrainSource = SourceOptions
 """Any registered kind of training source."""
 
@@ -164,6 +193,9 @@ class DataConfig:
             raise FieldError("num_negatives", f"must be >= 0 or null, got {self.num_negatives}")
         if self.num_workers < 0:
             raise FieldError("num_workers", f"must be >= 0, got {self.num_workers}")
+        kinds = {s.kind for s in self.train}
+        if "texts" in kinds and len(kinds) > 1 and self.batching == "mixed":
+            raise FieldError("batching", "a batch cannot mix single texts (a texts source) with pairs; use homogeneous")
 
 
 # ----------------------------------------------------------------------------- loss

@@ -38,7 +38,7 @@ from trainer.errors import Preempted, RunError
 from trainer.evaluation.runner import EvalRunner
 from trainer.losses import LossContext, WeightedLoss, build_loss
 from trainer.model.encoder import Encoder
-from trainer.model.frozen import load_frozen
+from trainer.model.frozen import frozen_key, load_frozen
 from trainer.preemption import PreemptionWatch
 from trainer.run_dir import (
     METRICS_FILE,
@@ -189,6 +189,20 @@ class Model:
         return [self.encoder] + ([self.loss_fn] if self.loss_parameters else [])
 
 
+def check_pairs(recipe: Recipe, loss_fn: WeightedLoss) -> None:
+    """Single texts (a texts source) train only terms that need no pairs; pair terms need a pairs source."""
+    texts = [s.kind == "texts" for s in recipe.data.train]
+    if any(texts) and loss_fn.needs_pairs:
+        raise RunError(
+            "data.train has a texts source (single texts), but every loss term needs (query, positive) pairs; "
+            "add a term that distills embeddings (embed_distill, jasper)"
+        )
+    if all(texts):
+        paired = [name for name, term in zip(loss_fn.names, loss_fn.terms) if term.needs_pairs]
+        if paired:
+            raise RunError(f"loss {', '.join(paired)} needs (query, positive) pairs, but every training source is a texts source")
+
+
 def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[str, float]:
     training = recipe.training
     accelerator = build_accelerator(recipe)
@@ -201,8 +215,18 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     # ---------------------------------------------------------------- setup
     examples = read_training_data(recipe.data.train, recipe.data.num_negatives)
     encoder = Encoder.from_config(recipe.model)
-    loss_fn = build_loss(recipe.loss, LossContext(encoder.dim, recipe.model.normalize, encoder.num_layers))
-    frozen = {key: load_frozen(config) for key, config in loss_fn.frozen_encoders().items()}
+    loaded: dict[str, Encoder] = {}  # frozen models, each loaded once: for a term's projection size, then for the step
+
+    def frozen_model(config) -> Encoder:
+        key = frozen_key(config)
+        if key not in loaded:
+            loaded[key] = load_frozen(config)
+        return loaded[key]
+
+    context = LossContext(encoder.dim, recipe.model.normalize, encoder.num_layers, lambda c: frozen_model(c).dim)
+    loss_fn = build_loss(recipe.loss, context)
+    check_pairs(recipe, loss_fn)
+    frozen = {key: frozen_model(config) for key, config in loss_fn.frozen_encoders().items()}
     data = build_data(recipe, accelerator, examples, build_collator(recipe, encoder, frozen))
     evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)  # reads the sets
     if preemption.should_stop(accelerator):

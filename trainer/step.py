@@ -48,8 +48,10 @@ def loss_input(
     """The loss's view of a batch: its embeddings (B, D) / (B*(1+N), D), ids, sources, teacher
     scores, and the same texts embedded by each frozen encoder. With `layers`, the embeddings are
     (B, 1+K, D) / (B*(1+N), 1+K, D), the final ones first, then one per entry of `layers`."""
-    positive, negatives = split_documents(documents, batch.size, batch.num_negatives)
-    positive_ids, negative_ids = split_documents(batch.document_ids, batch.size, batch.num_negatives)
+    positive = negatives = positive_ids = negative_ids = None  # a batch of single texts has no documents
+    if documents is not None:
+        positive, negatives = split_documents(documents, batch.size, batch.num_negatives)
+        positive_ids, negative_ids = split_documents(batch.document_ids, batch.size, batch.num_negatives)
     model = Embeddings(query, positive, negatives)
     layer_embeddings = {}
     if layers:
@@ -59,7 +61,9 @@ def loss_input(
     for key, encoder in frozen.items():
         queries, docs = batch.frozen[key]
         frozen_query = embed_frozen(encoder, queries, chunk_size)
-        frozen_positive, frozen_negatives = split_documents(embed_frozen(encoder, docs, chunk_size), batch.size, batch.num_negatives)
+        frozen_positive = frozen_negatives = None
+        if docs is not None:
+            frozen_positive, frozen_negatives = split_documents(embed_frozen(encoder, docs, chunk_size), batch.size, batch.num_negatives)
         frozen_embeddings[key] = Embeddings(frozen_query, frozen_positive, frozen_negatives)
     return LossInput(
         query=model.query,
@@ -89,7 +93,7 @@ def plain_step(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     embed = partial(encoder, layers=layers) if layers else encoder
     query = embed(batch.queries)  # (B, D), or (B, 1+K, D) with layers
-    documents = embed(batch.documents)  # (B*(1+N), D), or (B*(1+N), 1+K, D)
+    documents = None if batch.documents is None else embed(batch.documents)  # (B*(1+N), D), or (B*(1+N), 1+K, D)
     inputs = loss_input(batch, query, documents, frozen or {}, normalized, layers=layers)
     if cross_device:
         inputs = inputs.gather()  # (W*B, ...) for every field
@@ -114,9 +118,11 @@ def cached_step(
     embed = partial(encoder, layers=layers) if layers else encoder
     device = batch.queries["input_ids"].device
     query_chunks = split_features(batch.queries, chunk_size)
-    document_chunks = split_features(batch.documents, chunk_size)
+    document_chunks = [] if batch.documents is None else split_features(batch.documents, chunk_size)
     query, query_states = embed_without_grad(embed, query_chunks, device)
-    documents, document_states = embed_without_grad(embed, document_chunks, device)
+    documents, document_states = None, []
+    if document_chunks:
+        documents, document_states = embed_without_grad(embed, document_chunks, device)
     inputs = loss_input(batch, query, documents, frozen or {}, normalized, chunk_size, layers)
 
     # the loss and its gradient with respect to the (gathered) embeddings, earlier layers' included
@@ -135,23 +141,28 @@ def cached_step(
     if cross_device:  # every process computed the same global loss; DDP averages the W gradients
         grads = [local_rows(g, batch.size) * world_size() for g in grads]
     query_grads, document_grads = [], []
-    for embeddings in leaves:  # per layer: query (B, D), documents (B*(1+N), D)
+    for embeddings in leaves:  # per layer: query (B, D), documents (B*(1+N), D) when there are any
         count = len(embeddings.tensors())
         mine, grads = grads[:count], grads[count:]
         query_grads.append(mine[0])
-        document_grads.append(torch.cat([mine[1]] + ([mine[2].reshape(-1, mine[2].shape[-1])] if count == 3 else [])))
-    query_grad = torch.stack(query_grads, dim=1) if layers else query_grads[0]
-    document_grad = torch.stack(document_grads, dim=1) if layers else document_grads[0]
+        if count > 1:
+            document_grads.append(torch.cat([mine[1]] + ([mine[2].reshape(-1, mine[2].shape[-1])] if count == 3 else [])))
 
     # replay each chunk with gradient; gradients are synchronised once, after the last chunk
-    chunks = list(zip(query_chunks, query_states, _row_slices(query_grad, query_chunks)))
-    chunks += list(zip(document_chunks, document_states, _row_slices(document_grad, document_chunks)))
+    chunks = list(zip(query_chunks, query_states, _row_slices(_per_text(query_grads, layers), query_chunks)))
+    if document_chunks:
+        chunks += list(zip(document_chunks, document_states, _row_slices(_per_text(document_grads, layers), document_chunks)))
     for index, (chunk, state, grad) in enumerate(chunks):
         last = index == len(chunks) - 1
         with (nullcontext() if last else no_sync()), state.replay():
             embeddings = embed(chunk)
             backward((embeddings * grad.to(embeddings.dtype)).sum())
     return loss.detach(), parts
+
+
+def _per_text(grads: list[torch.Tensor], layers: tuple[int, ...]) -> torch.Tensor:
+    """One gradient per text: (T, D), or (T, 1+K, D) stacked over the layers the encoder returns."""
+    return torch.stack(grads, dim=1) if layers else grads[0]
 
 
 def _row_slices(grad: torch.Tensor, chunks: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:

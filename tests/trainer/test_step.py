@@ -202,3 +202,42 @@ def test_cached_equals_plain_for_every_loss(tiny_model, name):
     assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=TOLERANCE)
     assert_same(grads(encoder) | grads(loss_fn), plain)
     assert bool(parameters) == (name == "learned-temperature")
+
+
+@pytest.mark.parametrize("single_texts", [False, True])
+def test_cached_equals_plain_for_distillation(tiny_model, single_texts):
+    """Online-teacher terms (a projection among their parameters), on pairs and on single texts."""
+    from trainer.data.collate import TextTokenizer
+    from trainer.losses.distill_kl import DistillKLConfig
+    from trainer.losses.embed_distill import EmbedDistillConfig
+    from trainer.losses.jasper import JasperConfig
+    from trainer.losses.margin_mse import MarginMSEConfig
+    from trainer.model.frozen import FrozenModelConfig, frozen_key
+
+    encoder = load(tiny_model).eval()
+    teacher = load(tiny_model).eval().requires_grad_(False)
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    config = FrozenModelConfig(name_or_path=str(tiny_model))
+    key = frozen_key(config)
+    rows = examples()
+    if single_texts:
+        rows = [Example(r.query, None) for r in rows]
+    batch = Collator(encoder.tokenizer, 16, frozen={key: TextTokenizer(teacher.tokenizer, 16, [("", "")])})(rows)
+    loss_fn = build([
+        DistillKLConfig(kind="distill_kl", teacher=config),
+        MarginMSEConfig(kind="margin_mse", teacher=config),
+        EmbedDistillConfig(kind="embed_distill", teacher=config, projection=True),
+        JasperConfig(kind="jasper", teacher=config),
+    ])
+    plain_loss, parts = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False, frozen={key: teacher})
+    assert set(parts) == ({"embed_distill_2", "jasper_3"} if single_texts else {"distill_kl_0", "margin_mse_1", "embed_distill_2", "jasper_3"})
+    plain = grads(encoder) | grads(loss_fn)
+    cached_loss, _ = cached_step(
+        encoder, loss_fn, batch, BACKWARD, False, 3, nullcontext, frozen={key: teacher},
+        loss_parameters=list(loss_fn.parameters()),
+    )
+    assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=TOLERANCE)
+    assert_same(grads(encoder) | grads(loss_fn), plain)
+    assert not any(p.grad is not None for p in teacher.parameters())

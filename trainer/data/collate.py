@@ -32,8 +32,10 @@ class TextTokenizer:
         pair = self.prompts[source] if len(self.prompts) > 1 else self.prompts[0]
         return pair[0] if is_query else pair[1]
 
-    def __call__(self, examples: list[Example]) -> tuple[Features, Features]:
+    def __call__(self, examples: list[Example]) -> tuple[Features, Features | None]:
         queries = [self.prompt(e.source, True) + e.query for e in examples]
+        if examples[0].positive is None:  # single texts
+            return tokenize(self.tokenizer, queries, self.max_seq_length), None
         documents = [self.prompt(e.source, False) + e.positive for e in examples]
         documents += [self.prompt(e.source, False) + n for e in examples for n in e.negatives]
         return tokenize(self.tokenizer, queries, self.max_seq_length), tokenize(self.tokenizer, documents, self.max_seq_length)
@@ -42,10 +44,11 @@ class TextTokenizer:
 @dataclass
 class ContrastiveBatch:
     """`documents` holds the B positives first, then the B*N hard negatives, query-major; the
-    id and extra fields are row-aligned with them."""
+    id and extra fields are row-aligned with them. A batch of single texts (a `texts` source) has
+    them in `queries` and no documents."""
 
     queries: Features
-    documents: Features
+    documents: Features | None
     num_negatives: int
     query_ids: torch.Tensor
     """(B,) int64 `text_key` of each query (without prompt)."""
@@ -57,7 +60,7 @@ class ContrastiveBatch:
     """(B,) bool: the row's source takes in-batch negatives."""
     teacher_scores: torch.Tensor | None = None
     """(B, 1+N) float32 teacher scores, when every row has them."""
-    frozen: dict[str, tuple[Features, Features]] = field(default_factory=dict)
+    frozen: dict[str, tuple[Features, Features | None]] = field(default_factory=dict)
     """(queries, documents) tokenised for each frozen encoder, by its key."""
 
     @property
@@ -98,9 +101,12 @@ class Collator:
         return tokenize(self.model.tokenizer, texts, self.model.max_seq_length)
 
     def __call__(self, examples: list[Example]) -> ContrastiveBatch:
+        single = [e.positive is None for e in examples]
+        if any(single) and not all(single):
+            raise ValueError("a batch mixes single texts and pairs; texts sources need data.batching: homogeneous")
         num_negatives = len(examples[0].negatives)
         queries, documents = self.model(examples)
-        document_texts = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
+        document_texts = [] if single[0] else [e.positive for e in examples] + [n for e in examples for n in e.negatives]
         scores = None
         if all(e.teacher_scores is not None for e in examples):
             scores = torch.tensor([e.teacher_scores for e in examples], dtype=torch.float32)

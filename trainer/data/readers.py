@@ -2,7 +2,7 @@
 
 `pairs` sources are read with Hugging Face `datasets` (jsonl, csv, tsv, parquet) into a
 memory-mapped Arrow table, with a column mapping; `beir` sources give one example per relevant
-qrel. Every row is checked in one streaming pass, and problems are reported with the file and
+qrel; `texts` sources one example per distinct text (no positive). Every row is checked in one streaming pass, and problems are reported with the file and
 row, before training starts.
 """
 
@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from trainer.config import BeirSource, PairsSource, TrainSource
+from trainer.config import BeirSource, PairsSource, TextsSource, TrainSource
 from trainer.data.beir import JSON_KINDS, jsonl_rows, read_beir, text_lines
 from trainer.data.errors import DataError
 from trainer.data.examples import Example
@@ -328,6 +328,70 @@ def read_beir_pairs(source: BeirSource, num_negatives: int | None, index: int = 
     return _scan(table, source.path, {"query": "query", "positive": "positive"}, None, index)
 
 
+@reads(TextsSource)
+def read_texts(source: TextsSource, num_negatives: int | None, index: int = 0) -> SourceTable:
+    """Every text of every text column, row-major, each distinct text once (its first place)."""
+    import datasets
+
+    if source.format == "stsb":
+        from trainer.config import STSEvalConfig
+        from trainer.evaluation.sts import read_sts
+
+        first, second, _ = read_sts(STSEvalConfig(kind="sts", name=source.path, path=source.path, format="stsb"))
+        table = datasets.Dataset.from_dict({"query": [t for pair in zip(first, second) for t in pair]})
+        columns = ["sentence1", "sentence2"]
+    else:
+        table = load_table(source.path, source.format)
+        columns = list(source.text_columns)
+        wanted = columns + ([source.title_column] if source.title_column else [])
+        missing = [c for c in wanted if c not in table.column_names]
+        if missing:
+            raise DataError(
+                f"{source.path}: missing column '{missing[0]}' (columns: {table.column_names}); "
+                "name yours with text_columns / title_column"
+            )
+        table = table.map(
+            _texts_of_rows, batched=True, remove_columns=table.column_names,
+            fn_kwargs={"columns": columns, "title": source.title_column}, desc=f"texts of {source.path}",
+        )
+    try:
+        return _scan_texts(table, source, columns, index)
+    except UnicodeDecodeError:
+        problem = first_problem(matching_files(source.path), resolve_format(source.path, source.format))
+        raise DataError(problem or f"{source.path}: not UTF-8 text") from None
+
+
+def _texts_of_rows(rows: dict[str, list], columns: list[str], title: str | None) -> dict[str, list]:
+    """A batch of rows to one text per (row, column), row-major; a title goes before its text."""
+    texts = []
+    for i in range(len(rows[columns[0]])):
+        for column in columns:
+            text = rows[column][i]
+            if title is not None and isinstance(text, str) and isinstance(rows[title][i], str):
+                text = f"{rows[title][i].strip()} {text}".strip()
+            texts.append(text)
+    return {"query": texts}
+
+
+def _scan_texts(table, source: TextsSource, columns: list[str], index: int) -> SourceTable:
+    """Check every text (the error names its row and column), drop repeated texts, take max_examples."""
+    keys = np.empty(len(table), dtype=np.int64)
+    for start in range(0, len(table), _CHUNK):
+        for j, text in enumerate(table[start : start + _CHUNK]["query"]):
+            position = start + j
+            row, column = position // len(columns) + 1, columns[position % len(columns)]
+            keys[position] = text_key(_check_text(source.path, row, column, text))
+    _, first = np.unique(keys, return_index=True)
+    first.sort()
+    if source.max_examples is not None:
+        first = first[: source.max_examples]
+    if len(first) < len(table):
+        table = table.select(first)
+    keys = keys[first]
+    text_keys = TextKeys(keys, keys.copy(), np.empty((len(keys), 0), np.int64), np.full(len(keys), index, dtype=np.int32))
+    return SourceTable(table, text_keys, 0)
+
+
 def read_source(source: TrainSource, num_negatives: int | None = None, index: int = 0) -> SourceTable:
     part = READERS[source.kind](source, num_negatives, index)
     if len(part.keys) == 0:
@@ -344,7 +408,7 @@ def read_examples(source: TrainSource) -> list[Example]:
 def read_training_data(sources: list[TrainSource], num_negatives: int | None) -> TrainingSet:
     """All sources, concatenated, each with exactly `num_negatives` hard negatives."""
     parts = [read_source(source, num_negatives, index) for index, source in enumerate(sources)]
-    counts = {p.num_negatives for p in parts}
+    counts = {p.num_negatives for p, s in zip(parts, sources) if s.kind != "texts"}  # single texts have none
     if len(counts) > 1:
         raise DataError(f"training sources have different numbers of hard negatives ({sorted(counts)}); set data.num_negatives")
-    return TrainingSet([p.table for p in parts], TextKeys.concatenate([p.keys for p in parts]), counts.pop())
+    return TrainingSet([p.table for p in parts], TextKeys.concatenate([p.keys for p in parts]), counts.pop() if counts else 0)

@@ -39,7 +39,7 @@ class TextKeys:
     query: np.ndarray
     """(N,) int64"""
     positive: np.ndarray
-    """(N,) int64"""
+    """(N,) int64; a single text (a `texts` source) has its own key here too"""
     negatives: np.ndarray
     """(N, num_negatives) int64"""
     source: np.ndarray
@@ -53,7 +53,7 @@ class TextKeys:
         width = max((len(e.negatives) for e in examples), default=0)
         return cls(
             query=np.array([text_key(e.query) for e in examples], dtype=np.int64),
-            positive=np.array([text_key(e.positive) for e in examples], dtype=np.int64),
+            positive=np.array([text_key(e.query if e.positive is None else e.positive) for e in examples], dtype=np.int64),
             negatives=np.array(
                 [[text_key(n) for n in e.negatives] + [PAD] * (width - len(e.negatives)) for e in examples], dtype=np.int64
             ).reshape(len(examples), width),
@@ -70,11 +70,16 @@ class TextKeys:
 
     @classmethod
     def concatenate(cls, parts: list["TextKeys"]) -> "TextKeys":
-        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("query", "positive", "negatives", "source")))
+        """Parts with fewer negatives (single texts have none) are padded with PAD."""
+        width = max(p.negatives.shape[1] for p in parts)
+        negatives = [np.pad(p.negatives, ((0, 0), (0, width - p.negatives.shape[1])), constant_values=PAD) for p in parts]
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("query", "positive")),
+                   np.concatenate(negatives), np.concatenate([p.source for p in parts]))
 
 
 class TrainingSet(torch.utils.data.Dataset):
-    """Example `i` of the concatenated sources; each table has columns query, positive[, negatives][, teacher_scores]."""
+    """Example `i` of the concatenated sources; each table has columns query, positive[, negatives][, teacher_scores],
+    or query only (single texts)."""
 
     def __init__(self, tables: list, keys: TextKeys, num_negatives: int) -> None:
         self.tables = tables
@@ -90,6 +95,8 @@ class TrainingSet(torch.utils.data.Dataset):
             raise IndexError(index)
         source = bisect.bisect_right(self.offsets, index) - 1
         row = self.tables[source][index - self.offsets[source]]
+        if "positive" not in row:  # a single text
+            return Example(row["query"], None, (), source)
         negatives = tuple(row["negatives"][: self.num_negatives]) if self.num_negatives else ()
         scores = row.get("teacher_scores")
         scores = tuple(float(s) for s in scores[: 1 + self.num_negatives]) if scores is not None else None

@@ -8,8 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from trainer.losses import adaptive_layers, gor, infonce, matryoshka  # noqa: F401 - registers the kinds
-from trainer.losses.base import LossConfig, LossContext, LossTerm
+from trainer.losses import (  # noqa: F401 - registers the kinds
+    adaptive_layers,
+    distill_kl,
+    embed_distill,
+    gor,
+    infonce,
+    jasper,
+    margin_mse,
+    matryoshka,
+)
+from trainer.losses.base import LossConfig, LossContext, LossTerm, run_terms
 from trainer.losses.inputs import Embeddings, LossInput
 
 __all__ = ["Embeddings", "LossConfig", "LossContext", "LossInput", "LossTerm", "WeightedLoss", "build_loss"]
@@ -26,17 +35,17 @@ class WeightedLoss(torch.nn.Module):
         self.terms = torch.nn.ModuleList(c.build(context) for c in configs)
 
     def forward(self, inputs: LossInput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total = inputs.query.new_zeros((), dtype=torch.float32)
-        parts = {}
-        for name, weight, term in zip(self.names, self.weights, self.terms):
-            value = term(inputs)
-            parts[name] = value.detach()
-            total = total + weight * value
-        return total, parts
+        total, values = run_terms(list(self.terms), self.weights, inputs)
+        return total, {name: v.detach() for name, v in zip(self.names, values) if v is not None}
 
     def frozen_encoders(self) -> dict[str, object]:
         """Frozen models the terms read (key -> `FrozenModelConfig`), each loaded once."""
         return {k: v for term in self.terms for k, v in term.frozen_encoders().items()}
+
+    @property
+    def needs_pairs(self) -> bool:
+        """Whether every term needs pairs (then a batch of single texts has nothing to train)."""
+        return all(term.needs_pairs for term in self.terms)
 
     def layer_indices(self) -> tuple[int, ...]:
         """Earlier layers whose pooled embeddings the terms read (the step computes them)."""

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.errors import RunError
-from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
+from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss, run_terms
 from trainer.losses.infonce import at_least_float32
 from trainer.losses.inputs import LossInput
 from trainer.schema import FieldError
@@ -126,6 +126,7 @@ class AdaptiveLayers(LossTerm):
         self.kl_temperature = config.kl_temperature
         self.term_weights = [t.weight for t in config.terms]
         self.terms = torch.nn.ModuleList(terms)
+        self.needs_pairs = all(t.needs_pairs for t in terms)
 
     def frozen_encoders(self) -> dict[str, object]:
         return {k: v for term in self.terms for k, v in term.frozen_encoders().items()}
@@ -135,7 +136,7 @@ class AdaptiveLayers(LossTerm):
         return sorted(inner | set(self.layers))
 
     def _terms(self, inputs: LossInput) -> torch.Tensor:
-        return sum(weight * term(inputs) for weight, term in zip(self.term_weights, self.terms))
+        return run_terms(list(self.terms), self.term_weights, inputs)[0]
 
     def forward(self, inputs: LossInput) -> torch.Tensor:
         total = self.last_weight * self._terms(inputs)
@@ -143,13 +144,13 @@ class AdaptiveLayers(LossTerm):
         if self.per_step is not None and self.per_step < len(self.layers):  # the global RNG: the same in every process
             chosen = [self.layers[i] for i in sorted(torch.randperm(len(self.layers))[: self.per_step].tolist())]
         if self.kl_temperature > 0:  # the final layer is the teacher: no gradient through it
-            final = torch.cat([inputs.query, inputs.embeddings.documents])
+            final = inputs.embeddings.texts
             teacher = F.softmax(at_least_float32(final.detach()) / self.kl_temperature, dim=-1)
         for layer in chosen:
             at_layer = inputs.at_layer(layer)
             total = total + self.prior_weight * self.layer_weight(layer) / len(chosen) * self._terms(at_layer)
             if self.kl_temperature > 0:
-                student = at_least_float32(torch.cat([at_layer.query, at_layer.embeddings.documents]))
+                student = at_least_float32(at_layer.embeddings.texts)
                 kl = F.kl_div(F.log_softmax(student / self.kl_temperature, dim=-1), teacher, reduction="batchmean")
                 total = total + self.kl_weight * self.kl_temperature * kl
         return total

@@ -11,7 +11,7 @@ they are trained, synchronised across processes and checkpointed with the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -29,10 +29,17 @@ class LossContext:
     """Whether the encoder's embeddings are unit vectors (model.normalize)."""
     num_layers: int | None = None
     """Transformer layers of the backbone, when it says."""
+    frozen_dim: Callable[[object], int] | None = None
+    """The embedding dimension of a frozen model (a `FrozenModelConfig`), for terms that size a
+    projection to a teacher; it loads the model once, and the step reuses it."""
 
 
 class LossTerm(torch.nn.Module):
     """A loss: `forward(inputs)` -> scalar tensor."""
+
+    needs_pairs: ClassVar[bool] = True
+    """Whether the term needs (query, positive) pairs. Terms that do not (embedding distillation)
+    also train on batches of single texts (a `texts` source); the others sit those batches out."""
 
     def forward(self, inputs: LossInput) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -66,3 +73,19 @@ def register_loss(cls: type[LossConfig]) -> type[LossConfig]:
         raise ValueError(f"loss kind {kind!r} is registered twice")
     LossConfig.registry[kind] = cls
     return cls
+
+
+def run_terms(terms: list[LossTerm], weights: list[float], inputs: LossInput) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """sum(weight x term(inputs)) and each term's value (None for a term that needs pairs, on a
+    batch of single texts: it sits the batch out, its parameters kept in the graph with a zero)."""
+    total = inputs.query.new_zeros((), dtype=torch.float32)
+    values: list[torch.Tensor | None] = []
+    for weight, term in zip(weights, terms):
+        if term.needs_pairs and not inputs.has_pairs:
+            total = total + sum((p.sum() * 0 for p in term.parameters()), torch.zeros((), device=inputs.query.device))
+            values.append(None)
+            continue
+        value = term(inputs)
+        values.append(value)
+        total = total + weight * value
+    return total, values

@@ -7,7 +7,8 @@ S the similarities between different rows of that column:
 Both are averaged (or summed) over the columns and weighted. Random unit vectors in D
 dimensions have M1 ~ 0 and M2 ~ 1/D; the term pulls the embedding space towards that spread.
 
-Inputs: a `LossInput` (embeddings only). Use it next to a contrastive term.
+Inputs: a `LossInput` (embeddings only; batches of single texts too). Use it next to a
+contrastive term.
 
 References: Zhang et al., "Learning Spread-out Local Feature Descriptors", ICCV 2017;
 EmbeddingGemma (Schechter Vera et al. 2025) uses the second-moment term summed over columns.
@@ -58,12 +59,14 @@ class GORConfig(LossConfig):
 
 
 class GlobalOrthogonalRegularization(LossTerm):
+    needs_pairs = False
+
     def __init__(self, config: GORConfig) -> None:
         super().__init__()
         self.config = config
 
     def forward(self, inputs: LossInput) -> torch.Tensor:
-        columns = [inputs.query, inputs.positive]
+        columns = [t for t in (inputs.query, inputs.positive) if t is not None]
         if inputs.negatives is not None:
             columns += list(inputs.negatives.unbind(dim=1))
         means, second_moments = zip(*(spread(at_least_float32(c)) for c in columns))

@@ -6,6 +6,10 @@
     frozen     {name: Embeddings}   the same texts embedded by frozen encoders (a guide model)
     layers     {layer: Embeddings}  the model's embeddings pooled from earlier layers (2D Matryoshka)
 
+A batch of a `texts` source (embedding distillation) has no documents: `positive` and
+`positive_ids` are None and `query` holds its texts; `has_pairs` tells the two apart, and `texts`
+is every text of the batch, whichever it is.
+
 Text ids are `text_key` hashes of the raw texts (without prompts): equal ids mean equal texts,
 in every process. After `gather()` every field holds the rows of all processes, rank-major, so a
 loss sees the global batch; embeddings that carry a gradient keep it through the gather.
@@ -27,21 +31,29 @@ Tensor = torch.Tensor
 
 @dataclass
 class Embeddings:
-    """Embeddings of one batch's texts: queries (B, D), positives (B, D), negatives (B, N, D) or None."""
+    """Embeddings of one batch's texts: queries (B, D), positives (B, D) or None (a batch of
+    single texts), negatives (B, N, D) or None."""
 
     query: Tensor
-    positive: Tensor
+    positive: Tensor | None
     negatives: Tensor | None = None
 
     @property
     def documents(self) -> Tensor:
         """Positives, then every hard negative, query-major: (B*(1+N), D)."""
+        if self.positive is None:
+            raise ValueError("a batch of single texts has no documents")
         if self.negatives is None or self.negatives.shape[1] == 0:
             return self.positive
         return torch.cat([self.positive, self.negatives.reshape(-1, self.negatives.shape[-1])])
 
+    @property
+    def texts(self) -> Tensor:
+        """Every text of the batch: the queries, then the documents when there are any: (T, D)."""
+        return self.query if self.positive is None else torch.cat([self.query, self.documents])
+
     def map(self, fn: Callable[[Tensor], Tensor]) -> "Embeddings":
-        return Embeddings(fn(self.query), fn(self.positive), None if self.negatives is None else fn(self.negatives))
+        return Embeddings(*(None if t is None else fn(t) for t in (self.query, self.positive, self.negatives)))
 
     def tensors(self) -> list[Tensor]:
         return [t for t in (self.query, self.positive, self.negatives) if t is not None]
@@ -51,14 +63,15 @@ class Embeddings:
 class LossInput:
     query: Tensor
     """(B, D) query embeddings."""
-    positive: Tensor
-    """(B, D) positive document embeddings; row i belongs to query i."""
+    positive: Tensor | None
+    """(B, D) positive document embeddings; row i belongs to query i. None in a batch of single
+    texts (`query` then holds them)."""
     negatives: Tensor | None
     """(B, N, D) hard negatives of each query, or None."""
     query_ids: Tensor
     """(B,) int64 stable id of each query text."""
-    positive_ids: Tensor
-    """(B,) int64 stable id of each positive text."""
+    positive_ids: Tensor | None
+    """(B,) int64 stable id of each positive text; None without positives."""
     negative_ids: Tensor | None
     """(B, N) int64 stable id of each hard negative, or None."""
     source: Tensor
@@ -77,14 +90,14 @@ class LossInput:
     """Whether the embeddings are unit vectors (model.normalize): truncation re-normalises them."""
 
     @classmethod
-    def of(cls, query: Tensor, positive: Tensor, negatives: Tensor | None = None, **extras) -> "LossInput":
+    def of(cls, query: Tensor, positive: Tensor | None, negatives: Tensor | None = None, **extras) -> "LossInput":
         """Embeddings with a distinct id for every text, one source, in-batch negatives on; `extras`
         set other fields. For tests and for calling a loss by hand."""
         size, device = query.shape[0], query.device
         count = 0 if negatives is None else negatives.shape[1]
         fields = {
             "query_ids": torch.arange(size, device=device),
-            "positive_ids": size + torch.arange(size, device=device),
+            "positive_ids": None if positive is None else size + torch.arange(size, device=device),
             "negative_ids": None if negatives is None else 2 * size + torch.arange(size * count, device=device).reshape(size, count),
             "source": torch.zeros(size, dtype=torch.int64, device=device),
             "in_batch": torch.ones(size, dtype=torch.bool, device=device),
@@ -94,6 +107,16 @@ class LossInput:
     @property
     def embeddings(self) -> Embeddings:
         return Embeddings(self.query, self.positive, self.negatives)
+
+    @property
+    def has_pairs(self) -> bool:
+        """Whether the rows are (query, positive, ...) pairs, not single texts."""
+        return self.positive is not None
+
+    @property
+    def text_ids(self) -> Tensor:
+        """(T,) ids in the order of `Embeddings.texts`."""
+        return self.query_ids if self.positive is None else torch.cat([self.query_ids, self.document_ids])
 
     @property
     def num_negatives(self) -> int:

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from trainer.errors import RunError
-from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
+from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss, run_terms
 from trainer.losses.inputs import LossInput
 from trainer.schema import FieldError
 
@@ -85,6 +85,7 @@ class Matryoshka(LossTerm):
         self.dims_per_step = config.dims_per_step
         self.term_weights = [t.weight for t in config.terms]
         self.terms = torch.nn.ModuleList(terms)
+        self.needs_pairs = all(t.needs_pairs for t in terms)
 
     def frozen_encoders(self) -> dict[str, object]:
         return {k: v for term in self.terms for k, v in term.frozen_encoders().items()}
@@ -100,6 +101,5 @@ class Matryoshka(LossTerm):
         for index in chosen:
             dim = self.dims[index]
             truncated = inputs if dim == inputs.query.shape[-1] else inputs.truncated(dim)
-            for weight, term in zip(self.term_weights, self.terms):
-                total = total + self.dim_weights[index] * weight * term(truncated)
+            total = total + self.dim_weights[index] * run_terms(list(self.terms), self.term_weights, truncated)[0]
         return total

@@ -1,0 +1,129 @@
+"""Distillation in training: texts sources, online teachers of another width, the projection in
+checkpoints and resume, and out of the exported model."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import make_pairs, write_recipe
+from trainer.config import TextsSource, load_recipe
+from trainer.data.errors import DataError
+from trainer.data.readers import read_training_data
+from trainer.errors import RunError
+from trainer.loop import train
+
+
+@pytest.fixture(scope="session")
+def wide_teacher(tiny_model, tmp_path_factory) -> Path:
+    """A 2-layer BERT of hidden size 48 with the tiny model's vocabulary: a teacher of another width."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("wide-teacher")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        if (tiny_model / name).exists():
+            shutil.copy(tiny_model / name, folder / name)
+    config = BertConfig.from_pretrained(tiny_model)
+    config.hidden_size, config.intermediate_size = 48, 96
+    torch.manual_seed(1)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def texts_file(tmp_path) -> Path:
+    rows = [{"text": r["positive"], "title": f"t{i}"} for i, r in enumerate(make_pairs(40, seed=5))]
+    rows.append(dict(rows[0]))  # a repeated text is used once
+    path = tmp_path / "texts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def texts(source: TextsSource) -> list[str]:
+    data = read_training_data([source], None)
+    return [data[i].query for i in range(len(data))]
+
+
+def test_texts_source_reads_each_distinct_text_once(texts_file, tmp_path):
+    plain = texts(TextsSource(kind="texts", path=str(texts_file)))
+    assert len(plain) == 40 and len(set(plain)) == 40
+    titled = texts(TextsSource(kind="texts", path=str(texts_file), title_column="title"))
+    assert titled[0] == f"t0 {plain[0]}" and len(titled) == 40
+    both = texts(TextsSource(kind="texts", path=str(texts_file), text_columns=["title", "text"], max_examples=5))
+    assert both == ["t0", plain[0], "t1", plain[1], "t2"]
+    data = read_training_data([TextsSource(kind="texts", path=str(texts_file))], None)
+    assert data[0].positive is None and data[0].negatives == ()
+
+    sts = tmp_path / "sts.csv"
+    sts.write_text("g\tf\t2012\t1\t2.5\tA girl styles her hair.\tA girl brushes her hair.\n"
+                   "g\tf\t2012\t2\t5.0\tA man sings.\tA girl styles her hair.\n")
+    assert texts(TextsSource(kind="texts", path=str(sts), format="stsb")) == [
+        "A girl styles her hair.", "A girl brushes her hair.", "A man sings.",
+    ]
+
+
+def test_texts_source_errors_name_the_row_and_column(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"a": "x", "b": "y"}\n{"a": "z", "b": ""}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl, row 2: column 'b' is empty"):
+        read_training_data([TextsSource(kind="texts", path=str(path), text_columns=["a", "b"])], None)
+    with pytest.raises(DataError, match="missing column 'text'.*text_columns"):
+        read_training_data([TextsSource(kind="texts", path=str(path))], None)
+
+
+def distill_recipe(tmp_path, tiny_model, pairs_file, texts_file, teacher, extra_loss="", cached=False):
+    loss = f"""loss:
+  - {{kind: embed_distill, teacher: {{name_or_path: {teacher}}}}}
+  - {{kind: jasper, teacher: {{name_or_path: {teacher}}}, weight: 0.1}}
+  - {{kind: distill_kl, teacher: {{name_or_path: {teacher}}}}}
+{extra_loss}"""
+    path = write_recipe(tmp_path, tiny_model, pairs_file, loss)
+    text = path.read_text().replace(
+        "train: [{kind: pairs,", f"train: [{{kind: texts, path: {texts_file}}}, {{kind: pairs,"
+    )
+    if cached:
+        text = text.replace("training: {max_steps: 4}", "training: {max_steps: 4, grad_cache_chunk_size: 3}")
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_distilling_from_a_wider_teacher_on_texts_and_pairs(tmp_path, tiny_model, pairs_file, texts_file, wide_teacher, cached):
+    recipe = distill_recipe(tmp_path, tiny_model, pairs_file, texts_file, wide_teacher, cached=cached)
+    train(load_recipe(recipe, ["checkpointing.every_steps=null"]))
+    lines = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
+    losses = [line for line in lines if "loss" in line]
+    assert len(losses) == 4 and all(math.isfinite(line["loss"]) for line in losses)
+    saved = load_file(str(tmp_path / "runs" / "r" / "step_4" / "accelerate" / "model_1.safetensors"))
+    assert saved["terms.0.projection.weight"].shape == (48, 32)  # student 32 -> teacher 48
+    assert saved["terms.1.projection.weight"].shape == (48, 32)
+
+
+def test_projection_resumes_exactly_and_stays_out_of_the_export(tmp_path, tiny_model, pairs_file, texts_file, wide_teacher):
+    from trainer.export.sentence_transformers_folder import export
+
+    recipe = distill_recipe(tmp_path, tiny_model, pairs_file, texts_file, wide_teacher)
+    train(load_recipe(recipe, ["run_name=full", "checkpointing.every_steps=null"]))
+    train(load_recipe(recipe))
+    run_dir = tmp_path / "runs" / "r"
+    shutil.rmtree(run_dir / "step_4")
+    train(load_recipe(recipe), resume=True)
+    full, resumed = (load_file(str(p / "step_4" / "accelerate" / "model_1.safetensors")) for p in (tmp_path / "runs" / "full", run_dir))
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    out = tmp_path / "exported"
+    export(run_dir / "step_4", out)
+    for weights in out.rglob("*.safetensors"):
+        assert not any("projection" in key for key in load_file(str(weights)))
+
+
+def test_texts_sources_need_a_term_that_takes_single_texts(tmp_path, tiny_model, pairs_file, texts_file):
+    path = distill_recipe(tmp_path, tiny_model, pairs_file, texts_file, tiny_model)
+    text = path.read_text()
+    text = text[: text.index("loss:")] + "loss: [{kind: infonce}]\n"
+    path.write_text(text)
+    with pytest.raises(RunError, match="every loss term needs"):
+        train(load_recipe(path))

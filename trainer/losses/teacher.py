@@ -1,0 +1,82 @@
+"""What the distillation terms share: where the teacher's scores and embeddings come from, the
+candidates a query is scored against, and the projection from the student's space to the teacher's.
+
+Teachers:
+- offline: the scores in the data (`teacher_scores`, written by `embtrain prep score` or
+  `prep mine`), one per candidate of the row: its positive, then each hard negative;
+- online: a frozen embedding model (`teacher:` in the term), which embeds the batch's texts inside
+  the step without gradient, in its own precision and with its own tokenizer and prompts; its
+  scores are dot products of its embeddings, so it scores any candidate, in-batch ones included.
+
+Candidates of query i:
+- `own`: its positive and its hard negatives, (B, 1+N), positive first;
+- `in_batch`: every document of the batch, (B, B*(1+N)), ordered as `Embeddings.documents`
+  (its positive is column i); rows whose source has `in_batch_negatives: false` see only their own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from trainer.losses.base import LossContext
+from trainer.losses.inputs import Embeddings, LossInput
+from trainer.model.frozen import FrozenModelConfig, frozen_key
+from trainer.errors import RunError
+
+Candidates = Literal["own", "in_batch"]
+
+
+def teacher_embeddings(inputs: LossInput, teacher: FrozenModelConfig) -> Embeddings:
+    """The batch's texts as the frozen teacher embeds them."""
+    return inputs.frozen[frozen_key(teacher)]
+
+
+def candidate_scores(embeddings: Embeddings, candidates: Candidates) -> torch.Tensor:
+    """Dot products of each query with its candidates: (B, 1+N) for `own`, (B, B*(1+N)) for `in_batch`."""
+    if candidates == "in_batch":
+        return embeddings.query @ embeddings.documents.T
+    documents = embeddings.positive[:, None]
+    if embeddings.negatives is not None and embeddings.negatives.shape[1] > 0:
+        documents = torch.cat([documents, embeddings.negatives], dim=1)  # (B, 1+N, D)
+    return torch.einsum("bd,bkd->bk", embeddings.query, documents)
+
+
+def teacher_candidate_scores(
+    inputs: LossInput, teacher: FrozenModelConfig | None, candidates: Candidates, term: str
+) -> torch.Tensor:
+    """The teacher's scores of the candidates, shaped like `candidate_scores`, without gradient."""
+    if teacher is not None:
+        return candidate_scores(teacher_embeddings(inputs, teacher), candidates).detach()
+    if inputs.teacher_scores is None:
+        raise RunError(
+            f"loss {term}: the batch has no teacher scores. Give the training source a teacher_scores_column "
+            "(written by `embtrain prep score`), or give the term a teacher: model to score online"
+        )
+    return inputs.teacher_scores[:, : 1 + inputs.num_negatives].detach()
+
+
+def excluded_candidates(inputs: LossInput, candidates: Candidates) -> torch.Tensor | None:
+    """(B, C) True for other rows' documents in rows whose source takes no in-batch negatives; None if none."""
+    if candidates == "own" or bool(inputs.in_batch.all()):
+        return None
+    size, device = inputs.query.shape[0], inputs.query.device
+    rows = torch.arange(size, device=device)
+    owner = torch.cat([rows, rows.repeat_interleave(inputs.num_negatives)])
+    return (owner[None, :] != rows[:, None]) & ~inputs.in_batch[:, None]
+
+
+def projection(context: LossContext, teacher: FrozenModelConfig, wanted: bool | None) -> torch.nn.Linear | None:
+    """A learned linear map from the student's embeddings to the teacher's dimension: when asked,
+    or (wanted None) when the dimensions differ. It is trained and checkpointed with the loss,
+    and left out of the exported model."""
+    teacher_dim = context.frozen_dim(teacher) if context.frozen_dim is not None else context.dim
+    if wanted is False and teacher_dim != context.dim:
+        raise RunError(
+            f"loss: the student embeds in {context.dim} dimensions and the teacher {teacher.name_or_path} in "
+            f"{teacher_dim}; set projection: true (or leave it unset) to learn a map between them"
+        )
+    if wanted or teacher_dim != context.dim:
+        return torch.nn.Linear(context.dim, teacher_dim)
+    return None
