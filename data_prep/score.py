@@ -5,8 +5,11 @@
 
 Adds `teacher_scores` to every row: the teacher's score of the positive, then of each hard
 negative, in the row's order. With `--teacher` the score is the dot product of the teacher's
-embeddings (cosine when it normalises); with `--cross-encoder` it is the first logit of a
-sequence-classification model on (query, document). Writes `<out>.manifest.json` too.
+embeddings (cosine when it normalises); with `--cross-encoder` it is the relevance score of a
+sequence-classification model on (query, document): its one logit, or, with several labels, the
+log-odds of the relevant label (picked by name from the model's config: relevant, positive,
+entailment, yes, true; LABEL_1 of an unnamed two-label model; or --label). Writes
+`<out>.manifest.json` too.
 """
 
 from __future__ import annotations
@@ -41,8 +44,47 @@ def embedding_scores(
     return scores
 
 
+RELEVANT_LABELS = ("relevant", "positive", "entailment", "entail", "yes", "true", "match", "similar", "paraphrase")
+
+
+def relevance_label(config, chosen: str | None) -> int | None:
+    """Which output of a sequence-classification model is the relevance score: None for a single
+    logit, else the index of the relevant label: `chosen` (a name or an index), a label whose name
+    says relevant, or label 1 of a two-label model whose labels have no names."""
+    count = config.num_labels
+    names = {i: str(config.id2label.get(i, f"LABEL_{i}")) for i in range(count)}
+    if chosen is not None:
+        for index, name in names.items():
+            if chosen == str(index) or chosen.lower() == name.lower():
+                return index if count > 1 else None
+        raise DataError(f"--label {chosen}: the cross-encoder's labels are {names}")
+    if count == 1:
+        return None
+    normal = {i: n.lower().replace("-", "_").replace(" ", "_") for i, n in names.items()}
+    negated = ("not", "non", "ir", "un", "no_")
+    found = [i for i, n in normal.items() if any(w in n for w in RELEVANT_LABELS) and not n.startswith(negated)]
+    if len(found) == 1:
+        return found[0]
+    if count == 2 and all(n == f"label_{i}" for i, n in normal.items()):
+        return 1
+    raise DataError(
+        f"cannot tell which of the cross-encoder's {count} labels {names} means relevant; name it with --label"
+    )
+
+
+def relevance_scores(logits, label: int | None):
+    """The single logit, or the log-odds of the relevant label against the others."""
+    import torch
+
+    if label is None:
+        return logits[:, 0]
+    others = torch.cat([logits[:, :label], logits[:, label + 1 :]], dim=1)
+    return logits[:, label] - torch.logsumexp(others, dim=1)
+
+
 def cross_encoder_scores(
-    rows, model: str, query_column, positive_column, negatives_column, batch_size, trust_remote_code: bool = False
+    rows, model: str, query_column, positive_column, negatives_column, batch_size, trust_remote_code: bool = False,
+    label: str | None = None,
 ) -> list[list[float]]:
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -56,6 +98,7 @@ def cross_encoder_scores(
         scorer = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code).eval()
     except LOAD_ERRORS as exc:
         raise load_error(model, path, "weights", exc) from None
+    relevant = relevance_label(scorer.config, label)
     pairs = [(i, r[query_column], d) for i, r in enumerate(rows) for d in documents_of(r, positive_column, negatives_column)]
     values: list[float] = []
     with torch.no_grad():
@@ -63,7 +106,7 @@ def cross_encoder_scores(
             chunk = pairs[start : start + batch_size]
             features = tokenizer([q for _, q, _ in chunk], [d for _, _, d in chunk], padding=True,
                                  truncation=True, max_length=512, return_tensors="pt")
-            values += scorer(**features).logits[:, 0].float().tolist()
+            values += relevance_scores(scorer(**features).logits.float(), relevant).tolist()
     scores: list[list[float]] = [[] for _ in rows]
     for (i, _, _), value in zip(pairs, values):
         scores[i].append(round(value, 6))
@@ -90,6 +133,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     teacher = parser.add_mutually_exclusive_group(required=True)
     teacher.add_argument("--teacher", help="embedding model: folder, checkpoint, Hub id or package:NAME")
     teacher.add_argument("--cross-encoder", help="sequence-classification model scoring (query, document)")
+    parser.add_argument("--label", help="the cross-encoder's relevant label, by name or index (default: from its config)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="let a model whose config names its own Python code run it (only for models you trust)")
     parser.add_argument("--query-column", default="query")
@@ -113,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.teacher:
         scores = embedding_scores(rows, args.teacher, *columns)
     else:
-        scores = cross_encoder_scores(rows, args.cross_encoder, *columns)
+        scores = cross_encoder_scores(rows, args.cross_encoder, *columns, label=args.label)
     for row, row_scores in zip(rows, scores):
         row["teacher_scores"] = row_scores
     manifest = {

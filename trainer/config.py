@@ -52,6 +52,9 @@ class ModelConfig:
     num_layers: int | None = None
     """Keep only the first N transformer layers of the backbone: a model trained with the
     `adaptive_layers` loss (2D Matryoshka) made smaller and faster; null: all of them."""
+    layers: list[int] | None = None
+    """Keep only these transformer layers (0-based, increasing), e.g. [0, 2, 4]: a distillation
+    student cut from its teacher (`embtrain prep student` saves one); null: all of them."""
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 1:
@@ -60,6 +63,11 @@ class ModelConfig:
             raise FieldError("embedding_dim", f"must be >= 1 or null, got {self.embedding_dim}")
         if self.num_layers is not None and self.num_layers < 1:
             raise FieldError("num_layers", f"must be >= 1 or null, got {self.num_layers}")
+        if self.layers is not None:
+            if not self.layers or any(b <= a for a, b in zip(self.layers, self.layers[1:])) or min(self.layers) < 0:
+                raise FieldError("layers", f"must be layer numbers from 0, increasing, without repeats; got {self.layers}")
+            if self.num_layers is not None:
+                raise FieldError("layers", "set layers or num_layers, not both")
 
 
 # ----------------------------------------------------------------------------- data

@@ -1,4 +1,4 @@
-"""Teacher scores: the embedding teacher's dot products and a cross-encoder's logits, per document."""
+"""Teacher scores: the embedding teacher's dot products and a cross-encoder's relevance score, per document."""
 
 import json
 
@@ -34,14 +34,24 @@ def test_embedding_teacher_scores_positive_then_negatives(tmp_path, tiny_model, 
     assert manifest["rows"] == 6 and "scored 6 rows" in capsys.readouterr().out
 
 
-def test_cross_encoder_scores_are_its_logits(tmp_path, tiny_model, pairs_file):
+@pytest.mark.parametrize(
+    "labels,relevant",
+    [
+        (None, None),  # one logit: the score itself
+        ({0: "not_relevant", 1: "relevant"}, 1),
+        ({0: "LABEL_0", 1: "LABEL_1"}, 1),  # unnamed two-label models: label 1 is relevant
+        ({0: "entailment", 1: "neutral", 2: "contradiction"}, 0),  # NLI
+    ],
+)
+def test_cross_encoder_scores_are_its_relevance_score(tmp_path, tiny_model, pairs_file, labels, relevant):
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     ce_dir = tmp_path / "ce"
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     torch.manual_seed(1)
+    extra = {"num_labels": 1} if labels is None else {"id2label": labels, "label2id": {v: k for k, v in labels.items()}}
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=1)
+                        intermediate_size=64, max_position_embeddings=64, **extra)
     model = BertForSequenceClassification(config).eval()
     model.save_pretrained(ce_dir)
     tokenizer.save_pretrained(ce_dir)
@@ -53,8 +63,31 @@ def test_cross_encoder_scores_are_its_logits(tmp_path, tiny_model, pairs_file):
     docs = [row["positive"]] + row["negatives"]
     with torch.no_grad():
         features = tokenizer([row["query"]] * 3, docs, padding=True, return_tensors="pt")
-        expected = model(**features).logits[:, 0].tolist()
-    assert scored[2]["teacher_scores"] == pytest.approx(expected, abs=1e-5)
+        logits = model(**features).logits
+    if relevant is None:
+        expected = logits[:, 0]
+    else:  # log-odds of the relevant label: log p / (1 - p)
+        p = logits.softmax(-1)[:, relevant]
+        expected = torch.log(p / (1 - p))
+    assert scored[2]["teacher_scores"] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_cross_encoder_without_a_relevant_label_asks_for_one(tmp_path, tiny_model, pairs_file, capsys):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    ce_dir = tmp_path / "ce"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    labels = {0: "sports", 1: "science", 2: "arts"}
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, id2label=labels,
+                        label2id={v: k for k, v in labels.items()})
+    BertForSequenceClassification(config).save_pretrained(ce_dir)
+    tokenizer.save_pretrained(ce_dir)
+    path, _ = rows_file(tmp_path, pairs_file)
+    args = ["prep", "score", "--train", str(path), "--cross-encoder", str(ce_dir), "--out", str(tmp_path / "o.jsonl")]
+    assert main(args) == 2
+    assert "name it with --label" in capsys.readouterr().err
+    assert main(args + ["--label", "science"]) == 0
 
 
 def test_missing_column_is_named(tmp_path, tiny_model, capsys):

@@ -327,28 +327,42 @@ def _load_backbone(path: str, trust_remote_code: bool = False) -> torch.nn.Modul
 
 
 def keep_first_layers(backbone: torch.nn.Module, count: int, name: str) -> None:
-    """Cut the backbone to its first `count` transformer layers, in place; its config says so too,
-    so that a saved copy is a smaller model of the same architecture."""
+    """Cut the backbone to its first `count` transformer layers, in place (see `keep_layers`)."""
+    total = getattr(backbone.config, "num_hidden_layers", None)
+    if isinstance(total, int) and not 1 <= count <= total:
+        raise ModelError(f"model.num_layers {count}: {name} has {total} layers; keep between 1 and {total}")
+    keep_layers(backbone, list(range(count)), name, "model.num_layers")
+
+
+def keep_layers(backbone: torch.nn.Module, indices: list[int], name: str, option: str = "model.layers") -> None:
+    """Keep only the transformer layers at `indices` (0-based, increasing), in place; its config
+    says so too, so that a saved copy is a smaller model of the same architecture."""
     total = getattr(backbone.config, "num_hidden_layers", None)
     if not isinstance(total, int):
-        raise ModelError(f"model.num_layers: {name}'s config gives no num_hidden_layers, so its layers cannot be cut")
-    if not 1 <= count <= total:
-        raise ModelError(f"model.num_layers {count}: {name} has {total} layers; keep between 1 and {total}")
-    if count == total:
+        raise ModelError(f"{option}: {name}'s config gives no num_hidden_layers, so its layers cannot be cut")
+    outside = [i for i in indices if not 0 <= i < total]
+    if outside:
+        raise ModelError(f"{option}: {name} has {total} layers (0 to {total - 1}); there is no layer {outside[0]}")
+    if list(indices) == list(range(total)):
         return
     stacks = [n for n, m in backbone.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == total]
     if len(stacks) != 1:
         raise ModelError(
-            f"model.num_layers: cannot tell which module list of {type(backbone).__name__} holds its {total} layers "
+            f"{option}: cannot tell which module list of {type(backbone).__name__} holds its {total} layers "
             f"(found {len(stacks)}: {', '.join(stacks) or 'none'})"
         )
     parent_name, _, attribute = stacks[0].rpartition(".")
     parent = backbone.get_submodule(parent_name)
-    setattr(parent, attribute, torch.nn.ModuleList(list(getattr(parent, attribute))[:count]))
-    backbone.config.num_hidden_layers = count
+    layers = list(getattr(parent, attribute))
+    setattr(parent, attribute, torch.nn.ModuleList([layers[i] for i in indices]))
+    for position, layer in enumerate(getattr(parent, attribute)):  # decoders number their layers (KV cache)
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
+    backbone.config.num_hidden_layers = len(indices)
     layer_types = getattr(backbone.config, "layer_types", None)  # per-layer attention kinds (Qwen2, Gemma)
     if isinstance(layer_types, list) and len(layer_types) == total:
-        backbone.config.layer_types = layer_types[:count]
+        backbone.config.layer_types = [layer_types[i] for i in indices]
 
 
 def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:
@@ -380,6 +394,8 @@ class Encoder(torch.nn.Module):
             raise load_error(config.name_or_path, path, "weights", exc) from None
         if tokenizer.pad_token is None:  # decoder LLMs often have none
             tokenizer.pad_token = tokenizer.eos_token
+        if config.layers is not None:
+            keep_layers(backbone, config.layers, config.name_or_path)
         if config.num_layers is not None:
             keep_first_layers(backbone, config.num_layers, config.name_or_path)
         if config.gradient_checkpointing:
