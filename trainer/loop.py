@@ -38,7 +38,8 @@ from trainer.errors import Preempted, RunError
 from trainer.evaluation.runner import EvalRunner
 from trainer.losses import LossContext, WeightedLoss, build_loss
 from trainer.model.encoder import Encoder
-from trainer.model.frozen import frozen_key, load_frozen
+from trainer.model.embedding_cache import CachedEncoder, EmbeddingCache
+from trainer.model.frozen import cache_identity, cache_name, frozen_key, load_frozen
 from trainer.preemption import PreemptionWatch
 from trainer.run_dir import (
     METRICS_FILE,
@@ -189,6 +190,20 @@ class Model:
         return [self.encoder] + ([self.loss_fn] if self.loss_parameters else [])
 
 
+def with_caches(frozen: dict[str, Encoder], configs: dict[str, object], run_dir: Path, rank: int) -> dict[str, torch.nn.Module]:
+    """Frozen encoders whose config keeps a cache, wrapped with their `EmbeddingCache`: in
+    `cache_dir`, or in the run folder's teacher_cache/ (kept across resumes)."""
+    wrapped: dict[str, torch.nn.Module] = {}
+    for key, encoder in frozen.items():
+        config = configs[key]
+        if not config.cache:
+            wrapped[key] = encoder
+            continue
+        folder = Path(config.cache_dir) if config.cache_dir else run_dir / "teacher_cache" / cache_name(config)
+        wrapped[key] = CachedEncoder(encoder, EmbeddingCache(folder, cache_identity(config), encoder.dim, rank))
+    return wrapped
+
+
 def check_pairs(recipe: Recipe, loss_fn: WeightedLoss) -> None:
     """Single texts (a texts source) train only terms that need no pairs; pair terms need a pairs source."""
     texts = [s.kind == "texts" for s in recipe.data.train]
@@ -232,6 +247,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     if preemption.should_stop(accelerator):
         raise Preempted(preemption.name, 0, None)
     create_run_dir(recipe, folder, accelerator)
+    frozen = with_caches(frozen, loss_fn.frozen_encoders(), run_dir, accelerator.process_index)
     model, optimizer, scheduler = prepare_model(accelerator, recipe, encoder, loss_fn, frozen, data.total_steps)
     metrics_log = MetricsLog(accelerator, run_dir / METRICS_FILE)
 
@@ -244,6 +260,9 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
 
     def save() -> Path:
         state.scheduler = scheduler.state_dict()
+        for cached in frozen.values():  # a resumed run finds every text embedded so far
+            if isinstance(cached, CachedEncoder):
+                cached.cache.flush()
         return save_checkpoint(accelerator, model.encoder, state, run_dir, recipe.checkpointing.keep_last)
 
     def stop(saved_at: int | None) -> Preempted:

@@ -59,11 +59,12 @@ def loss_input(
         model = model.map(lambda t: t[..., 0, :])
     frozen_embeddings = {}
     for key, encoder in frozen.items():
-        queries, docs = batch.frozen[key]
-        frozen_query = embed_frozen(encoder, queries, chunk_size)
+        texts = batch.frozen[key]
+        frozen_query = embed_frozen(encoder, texts.queries, chunk_size, texts.query_ids)
         frozen_positive = frozen_negatives = None
-        if docs is not None:
-            frozen_positive, frozen_negatives = split_documents(embed_frozen(encoder, docs, chunk_size), batch.size, batch.num_negatives)
+        if texts.documents is not None:
+            docs = embed_frozen(encoder, texts.documents, chunk_size, texts.document_ids)
+            frozen_positive, frozen_negatives = split_documents(docs, batch.size, batch.num_negatives)
         frozen_embeddings[key] = Embeddings(frozen_query, frozen_positive, frozen_negatives)
     return LossInput(
         query=model.query,

@@ -32,13 +32,41 @@ class TextTokenizer:
         pair = self.prompts[source] if len(self.prompts) > 1 else self.prompts[0]
         return pair[0] if is_query else pair[1]
 
-    def __call__(self, examples: list[Example]) -> tuple[Features, Features | None]:
+    def texts(self, examples: list[Example]) -> tuple[list[str], list[str] | None]:
+        """The queries and the documents (None for single texts) with their prompts."""
         queries = [self.prompt(e.source, True) + e.query for e in examples]
         if examples[0].positive is None:  # single texts
-            return tokenize(self.tokenizer, queries, self.max_seq_length), None
+            return queries, None
         documents = [self.prompt(e.source, False) + e.positive for e in examples]
         documents += [self.prompt(e.source, False) + n for e in examples for n in e.negatives]
-        return tokenize(self.tokenizer, queries, self.max_seq_length), tokenize(self.tokenizer, documents, self.max_seq_length)
+        return queries, documents
+
+    def __call__(self, examples: list[Example]) -> tuple[Features, Features | None]:
+        queries, documents = self.texts(examples)
+        query_features = tokenize(self.tokenizer, queries, self.max_seq_length)
+        return query_features, None if documents is None else tokenize(self.tokenizer, documents, self.max_seq_length)
+
+    def with_ids(self, examples: list[Example]) -> "FrozenBatch":
+        """Tokenised, with the `text_key` of every text as this encoder sees it (prompt included)."""
+        queries, documents = self.texts(examples)
+        query_features, document_features = self(examples)
+        return FrozenBatch(query_features, document_features, text_ids(queries), None if documents is None else text_ids(documents))
+
+
+def text_ids(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([text_key(t) for t in texts], dtype=torch.int64)
+
+
+@dataclass
+class FrozenBatch:
+    """A batch's texts tokenised for one frozen encoder, with ids of the texts it sees."""
+
+    queries: Features
+    documents: Features | None
+    query_ids: torch.Tensor
+    """(B,) `text_key` of each query with the encoder's prompt: its key in the embedding cache."""
+    document_ids: torch.Tensor | None
+    """(B*(1+N),) the same for the documents."""
 
 
 @dataclass
@@ -60,8 +88,8 @@ class ContrastiveBatch:
     """(B,) bool: the row's source takes in-batch negatives."""
     teacher_scores: torch.Tensor | None = None
     """(B, 1+N) float32 teacher scores, when every row has them."""
-    frozen: dict[str, tuple[Features, Features | None]] = field(default_factory=dict)
-    """(queries, documents) tokenised for each frozen encoder, by its key."""
+    frozen: dict[str, "FrozenBatch"] = field(default_factory=dict)
+    """The texts tokenised for each frozen encoder, by its key."""
 
     @property
     def size(self) -> int:
@@ -75,6 +103,8 @@ class ContrastiveBatch:
                 return {k: move(v) for k, v in value.items()}
             if isinstance(value, tuple):
                 return tuple(move(v) for v in value)
+            if isinstance(value, FrozenBatch):
+                return FrozenBatch(*(move(getattr(value, f.name)) for f in fields(value)))
             return value
 
         return ContrastiveBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
@@ -119,5 +149,5 @@ class Collator:
             source=torch.tensor([e.source for e in examples], dtype=torch.int64),
             in_batch=torch.tensor([self.in_batch[e.source if len(self.in_batch) > 1 else 0] for e in examples]),
             teacher_scores=scores,
-            frozen={key: tokenizer(examples) for key, tokenizer in self.frozen.items()},
+            frozen={key: tokenizer.with_ids(examples) for key, tokenizer in self.frozen.items()},
         )

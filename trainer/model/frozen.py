@@ -5,6 +5,7 @@ teacher for distillation). It is not trained, not checkpointed and not wrapped f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -27,6 +28,12 @@ class FrozenModelConfig:
     """Precision of its weights (bf16/fp16 halve its memory; fp16 needs a GPU)."""
     trust_remote_code: bool = False
     """Let a model that names its own code run it (only for models you trust)."""
+    cache: bool = True
+    """Keep its embeddings on disk, keyed by text, so that each text is embedded once per run,
+    not once per epoch (in the run folder's teacher_cache/, kept across resumes)."""
+    cache_dir: str | None = None
+    """A cache folder of your own instead, shared by runs: `embtrain prep embed` fills it ahead
+    of training. It remembers its model and refuses another."""
 
     def __post_init__(self) -> None:
         if self.max_seq_length is not None and self.max_seq_length < 1:
@@ -36,6 +43,30 @@ class FrozenModelConfig:
 def frozen_key(config: FrozenModelConfig) -> str:
     """One name per distinct frozen model: terms that name the same model share its embeddings."""
     return f"{config.name_or_path}|{config.max_seq_length}|{config.dtype}"
+
+
+def cache_name(config: FrozenModelConfig) -> str:
+    """A folder name for the model's embedding cache."""
+    import hashlib
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(config.name_or_path).name or config.name_or_path).strip("-")[:40]
+    return f"{slug}-{hashlib.sha256(frozen_key(config).encode()).hexdigest()[:10]}"
+
+
+def cache_identity(config: FrozenModelConfig) -> dict:
+    """What makes two caches interchangeable: the model, its length and precision, and its weight
+    files (name, size, modification time), so that a retrained model at the same path is not
+    taken for the old one."""
+    from trainer.model.encoder import locate_model
+
+    weights = []
+    folder = Path(locate_model(config.name_or_path))
+    if folder.is_dir():
+        for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("model/*.safetensors")]):
+            stat = path.stat()
+            weights.append([path.name, stat.st_size, stat.st_mtime_ns])
+    return {"model": config.name_or_path, "max_seq_length": config.max_seq_length, "dtype": config.dtype, "weights": weights}
 
 
 def load_frozen(config: FrozenModelConfig):
@@ -53,8 +84,11 @@ def load_frozen(config: FrozenModelConfig):
 
 
 @torch.no_grad()
-def embed_frozen(encoder, features: dict[str, torch.Tensor], chunk_size: int | None) -> torch.Tensor:
-    """(B, D) float32 embeddings of tokenised texts, in chunks of `chunk_size` rows (all at once: None)."""
+def embed_frozen(encoder, features: dict[str, torch.Tensor], chunk_size: int | None, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, D) float32 embeddings of tokenised texts, in chunks of `chunk_size` rows (all at once:
+    None); an encoder with an embedding cache (`CachedEncoder`) embeds only the ids it lacks."""
+    if ids is not None and hasattr(encoder, "cache"):
+        return encoder.embed(features, ids, chunk_size)
     total = features["input_ids"].shape[0]
     size = chunk_size or total
     parts = [encoder({k: v[i : i + size] for k, v in features.items()}) for i in range(0, total, size)]
