@@ -238,7 +238,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
             loaded[key] = load_frozen(config)
         return loaded[key]
 
-    context = LossContext(encoder.dim, recipe.model.normalize, encoder.num_layers, lambda c: frozen_model(c).dim)
+    context = LossContext(encoder.dim, recipe.model.normalize, encoder.num_layers, frozen_dim=lambda c: frozen_model(c).dim)
     loss_fn = build_loss(recipe.loss, context)
     check_pairs(recipe, loss_fn)
     frozen = {key: frozen_model(config) for key, config in loss_fn.frozen_encoders().items()}

@@ -99,8 +99,8 @@ def test_distilling_from_a_wider_teacher_on_texts_and_pairs(tmp_path, tiny_model
     losses = [line for line in lines if "loss" in line]
     assert len(losses) == 4 and all(math.isfinite(line["loss"]) for line in losses)
     saved = load_file(str(tmp_path / "runs" / "r" / "step_4" / "accelerate" / "model_1.safetensors"))
-    assert saved["terms.0.projection.weight"].shape == (48, 32)  # student 32 -> teacher 48
-    assert saved["terms.1.projection.weight"].shape == (48, 32)
+    assert saved["terms.0.projection.maps.32.weight"].shape == (48, 32)  # student 32 -> teacher 48
+    assert saved["terms.1.projection.maps.32.weight"].shape == (48, 32)
 
 
 def test_projection_resumes_exactly_and_stays_out_of_the_export(tmp_path, tiny_model, pairs_file, texts_file, wide_teacher):

@@ -32,8 +32,24 @@ def load(model_dir: Path) -> Encoder:
     return encoder.double()
 
 
-def batch_of(encoder: Encoder, rows: list[Example]):
-    return Collator(encoder.tokenizer, 16)(rows)
+def batch_of(encoder: Encoder, rows: list[Example], frozen: dict | None = None):
+    from trainer.data.collate import TextTokenizer
+
+    tokenizers = {key: TextTokenizer(e.tokenizer, 16, [("", "")]) for key, e in (frozen or {}).items()}
+    return Collator(encoder.tokenizer, 16, frozen=tokenizers)(rows)
+
+
+def teachers(loss_fn) -> dict[str, Encoder]:
+    """The frozen models a loss names, loaded in float64 and perturbed so that they differ from the student."""
+    out = {}
+    for key, config in loss_fn.frozen_encoders().items():
+        teacher = load(Path(config.name_or_path)).eval().requires_grad_(False)
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for parameter in teacher.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+        out[key] = teacher
+    return out
 
 
 def grads(encoder: Encoder) -> dict[str, torch.Tensor]:
@@ -101,17 +117,19 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str)
         model = torch.nn.parallel.DistributedDataParallel(encoder)
         rows = examples()
         local = rows[rank * 4 : rank * 4 + 4]
-        batch = batch_of(encoder, local)
         results = {}
-        for name, configs in [("infonce", None)] + list(loss_configs().items()):
+        for name, configs in [("infonce", None)] + list(loss_configs(model_dir).items()):
             loss_fn = LOSS if configs is None else build(configs)
+            frozen = teachers(loss_fn)
+            batch = batch_of(encoder, local, frozen)
             parameters = list(loss_fn.parameters())
             wrapped = torch.nn.parallel.DistributedDataParallel(loss_fn) if parameters else loss_fn
             layers = loss_fn.layer_indices()
-            loss, _ = plain_step(model, wrapped, batch, BACKWARD, cross_device=True, layers=layers)
+            loss, _ = plain_step(model, wrapped, batch, BACKWARD, cross_device=True, frozen=frozen, layers=layers)
             plain = grads(encoder) | grads(loss_fn)
             cached, _ = cached_step(
-                model, wrapped, batch, BACKWARD, True, 3, model.no_sync, loss_parameters=parameters, layers=layers
+                model, wrapped, batch, BACKWARD, True, 3, model.no_sync, frozen=frozen, loss_parameters=parameters,
+                layers=layers,
             )
             cached_grads = grads(encoder) | grads(loss_fn)
             results[name] = {"loss": loss.item(), "cached_loss": cached.item(), "grads": plain, "cached_grads": cached_grads}
@@ -129,11 +147,12 @@ def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_model, t
                 process.terminate()
             pytest.fail("the two processes did not finish within 300 s")
     encoder = load(tiny_model).eval()
-    batch = batch_of(encoder, examples())
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
-    for name, configs in [("infonce", None)] + list(loss_configs().items()):
+    for name, configs in [("infonce", None)] + list(loss_configs(tiny_model).items()):
         loss_fn = LOSS if configs is None else build(configs)
-        loss, _ = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False, layers=loss_fn.layer_indices())
+        frozen = teachers(loss_fn)
+        batch = batch_of(encoder, examples(), frozen)
+        loss, _ = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False, frozen=frozen, layers=loss_fn.layer_indices())
         single = grads(encoder) | grads(loss_fn)
         for result in results:
             assert result[name]["loss"] == pytest.approx(loss.item(), abs=TOLERANCE), name
@@ -159,10 +178,17 @@ def test_gradient_checkpointing_keeps_gradients(tiny_model):
     assert_same(grads(encoder), reference)
 
 
-def loss_configs():
+def loss_configs(model_dir: Path | str = "teacher"):
     from trainer.losses.adaptive_layers import AdaptiveLayersConfig
+    from trainer.losses.distill_kl import DistillKLConfig
+    from trainer.losses.embed_distill import EmbedDistillConfig
     from trainer.losses.gor import GORConfig
+    from trainer.losses.jasper import JasperConfig
+    from trainer.losses.margin_mse import MarginMSEConfig
     from trainer.losses.matryoshka import MatryoshkaConfig
+    from trainer.model.frozen import FrozenModelConfig
+
+    teacher = FrozenModelConfig(name_or_path=str(model_dir))
 
     gte = InfoNCEConfig(
         kind="infonce", directions=["query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc"],
@@ -179,6 +205,12 @@ def loss_configs():
                 terms=[MatryoshkaConfig(kind="matryoshka", dims=[32, 8], terms=[InfoNCEConfig(kind="infonce")])],
             )
         ],
+        "distillation": [  # an online teacher, in-batch candidates, a projection (a loss parameter)
+            DistillKLConfig(kind="distill_kl", teacher=teacher),
+            MarginMSEConfig(kind="margin_mse", teacher=teacher, weight=0.5),
+            MatryoshkaConfig(kind="matryoshka", dims=[32, 8], terms=[EmbedDistillConfig(kind="embed_distill", teacher=teacher, projection=True)]),
+            JasperConfig(kind="jasper", teacher=teacher, weight=0.1),
+        ],
     }
 
 
@@ -190,18 +222,19 @@ def build(configs) -> torch.nn.Module:
 def test_cached_equals_plain_for_every_loss(tiny_model, name):
     """Loss and gradients of the encoder and of the loss's own parameters, float64."""
     encoder = load(tiny_model).eval()
-    batch = batch_of(encoder, examples())
-    loss_fn = build(loss_configs()[name])
+    loss_fn = build(loss_configs(tiny_model)[name])
+    frozen = teachers(loss_fn)
+    batch = batch_of(encoder, examples(), frozen)
     layers = loss_fn.layer_indices()
-    plain_loss, _ = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False, layers=layers)
+    plain_loss, _ = plain_step(encoder, loss_fn, batch, BACKWARD, cross_device=False, frozen=frozen, layers=layers)
     plain = grads(encoder) | grads(loss_fn)
     parameters = list(loss_fn.parameters())
     cached_loss, _ = cached_step(
-        encoder, loss_fn, batch, BACKWARD, False, 3, nullcontext, loss_parameters=parameters, layers=layers
+        encoder, loss_fn, batch, BACKWARD, False, 3, nullcontext, frozen=frozen, loss_parameters=parameters, layers=layers
     )
     assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=TOLERANCE)
     assert_same(grads(encoder) | grads(loss_fn), plain)
-    assert bool(parameters) == (name == "learned-temperature")
+    assert bool(parameters) == (name in ("learned-temperature", "distillation"))
 
 
 @pytest.mark.parametrize("single_texts", [False, True])

@@ -29,6 +29,9 @@ class LossContext:
     """Whether the encoder's embeddings are unit vectors (model.normalize)."""
     num_layers: int | None = None
     """Transformer layers of the backbone, when it says."""
+    widths: tuple[int, ...] | None = None
+    """The widths the term's embeddings may have, when a wrapper cuts them (Matryoshka's dims);
+    None: `dim` only."""
     frozen_dim: Callable[[object], int] | None = None
     """The embedding dimension of a frozen model (a `FrozenModelConfig`), for terms that size a
     projection to a teacher; it loads the model once, and the step reuses it."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
 from trainer.losses.infonce import at_least_float32
 from trainer.losses.inputs import LossInput
-from trainer.losses.teacher import projection, teacher_embeddings
+from trainer.losses.teacher import Projection, project, projection, teacher_embeddings
 from trainer.model.frozen import FrozenModelConfig, frozen_key
 
 
@@ -60,7 +60,7 @@ class EmbedDistillConfig(LossConfig):
 class EmbedDistill(LossTerm):
     needs_pairs = False
 
-    def __init__(self, config: EmbedDistillConfig, projection: torch.nn.Linear | None) -> None:
+    def __init__(self, config: EmbedDistillConfig, projection: Projection | None) -> None:
         super().__init__()
         self.config = config
         self.projection = projection
@@ -69,9 +69,7 @@ class EmbedDistill(LossTerm):
         return {frozen_key(self.config.teacher): self.config.teacher}
 
     def forward(self, inputs: LossInput) -> torch.Tensor:
-        student = inputs.embeddings.texts
-        if self.projection is not None:
-            student = self.projection(student.to(self.projection.weight.dtype))
+        student = project(self.projection, inputs.embeddings.texts)
         student = at_least_float32(student)
         teacher = teacher_embeddings(inputs, self.config.teacher).texts.detach().to(student.dtype)
         return embedding_distance(student, teacher, self.config.metric)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
 from trainer.losses.infonce import at_least_float32
 from trainer.losses.inputs import LossInput
-from trainer.losses.teacher import projection, teacher_embeddings
+from trainer.losses.teacher import Projection, project, projection, teacher_embeddings
 from trainer.model.frozen import FrozenModelConfig, frozen_key
 from trainer.schema import FieldError
 
@@ -77,7 +77,7 @@ class JasperConfig(LossConfig):
 class Jasper(LossTerm):
     needs_pairs = False
 
-    def __init__(self, config: JasperConfig, projection: torch.nn.Linear | None) -> None:
+    def __init__(self, config: JasperConfig, projection: Projection | None) -> None:
         super().__init__()
         self.config = config
         self.projection = projection
@@ -87,9 +87,7 @@ class Jasper(LossTerm):
 
     def forward(self, inputs: LossInput) -> torch.Tensor:
         config = self.config
-        student = inputs.embeddings.texts
-        if self.projection is not None:
-            student = self.projection(student.to(self.projection.weight.dtype))
+        student = project(self.projection, inputs.embeddings.texts)
         student = F.normalize(at_least_float32(student), dim=-1)
         teacher = F.normalize(teacher_embeddings(inputs, config.teacher).texts.detach().to(student.dtype), dim=-1)
         total = student.new_zeros(())

@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,7 +76,8 @@ class MatryoshkaConfig(LossConfig):
         too_large = [d for d in self.dims if d > context.dim]
         if too_large:
             raise RunError(f"loss: matryoshka dims {too_large} are larger than the model's {context.dim} dimensions")
-        return Matryoshka(self, [t.build(context) for t in self.terms])
+        inner = dataclasses.replace(context, widths=tuple(sorted(set(self.dims))))
+        return Matryoshka(self, [t.build(inner) for t in self.terms])
 
 
 class Matryoshka(LossTerm):

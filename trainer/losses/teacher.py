@@ -67,16 +67,37 @@ def excluded_candidates(inputs: LossInput, candidates: Candidates) -> torch.Tens
     return (owner[None, :] != rows[:, None]) & ~inputs.in_batch[:, None]
 
 
-def projection(context: LossContext, teacher: FrozenModelConfig, wanted: bool | None) -> torch.nn.Linear | None:
-    """A learned linear map from the student's embeddings to the teacher's dimension: when asked,
-    or (wanted None) when the dimensions differ. It is trained and checkpointed with the loss,
-    and left out of the exported model."""
+class Projection(torch.nn.Module):
+    """Learned linear maps from the student's embeddings to the teacher's dimension, one per width
+    the student's embeddings may have (Matryoshka cuts them); a width equal to the teacher's has
+    none unless asked. Trained and checkpointed with the loss, left out of the exported model."""
+
+    def __init__(self, widths: list[int], teacher_dim: int) -> None:
+        super().__init__()
+        self.maps = torch.nn.ModuleDict({str(w): torch.nn.Linear(w, teacher_dim) for w in widths})
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        linear = self.maps[str(embeddings.shape[-1])]
+        return linear(embeddings.to(linear.weight.dtype))
+
+
+def projection(context: LossContext, teacher: FrozenModelConfig, wanted: bool | None) -> Projection | None:
+    """A `Projection` for the widths that differ from the teacher's (all of them when `wanted`);
+    None when no width needs one."""
     teacher_dim = context.frozen_dim(teacher) if context.frozen_dim is not None else context.dim
-    if wanted is False and teacher_dim != context.dim:
+    widths = list(context.widths or (context.dim,))
+    differ = [w for w in widths if w != teacher_dim]
+    if wanted is False and differ:
         raise RunError(
-            f"loss: the student embeds in {context.dim} dimensions and the teacher {teacher.name_or_path} in "
+            f"loss: the student embeds in {differ[0]} dimensions and the teacher {teacher.name_or_path} in "
             f"{teacher_dim}; set projection: true (or leave it unset) to learn a map between them"
         )
-    if wanted or teacher_dim != context.dim:
-        return torch.nn.Linear(context.dim, teacher_dim)
-    return None
+    chosen = widths if wanted else differ
+    return Projection(chosen, teacher_dim) if chosen else None
+
+
+def project(projection: Projection | None, embeddings: torch.Tensor) -> torch.Tensor:
+    """The embeddings through the projection of their width, if it has one."""
+    if projection is None or str(embeddings.shape[-1]) not in projection.maps:
+        return embeddings
+    return projection(embeddings)

@@ -171,12 +171,13 @@ def test_embed_distill_mse_by_hand():
 
 def test_embed_distill_projection_when_dimensions_differ():
     loss = EmbedDistillConfig(kind="embed_distill", teacher=TEACHER).build(context(8, 12))
-    assert loss.projection.in_features == 8 and loss.projection.out_features == 12
+    (linear,) = loss.projection.maps.values()
+    assert linear.in_features == 8 and linear.out_features == 12
     inputs = batch(teacher_dim=12)
     inputs = inputs.map_tensors(lambda t: t.float())
     value = loss(inputs)
     value.backward()
-    assert loss.projection.weight.grad is not None and loss.projection.weight.grad.abs().sum() > 0
+    assert linear.weight.grad is not None and linear.weight.grad.abs().sum() > 0
     assert EmbedDistillConfig(kind="embed_distill", teacher=TEACHER).build(context(8, 8)).projection is None
     assert EmbedDistillConfig(kind="embed_distill", teacher=TEACHER, projection=True).build(context(8, 8)).projection is not None
     with pytest.raises(RunError, match="set projection: true"):
@@ -238,3 +239,15 @@ def test_single_text_batches_train_embedding_terms_and_skip_pair_terms():
     total.backward()
     assert texts.grad.abs().sum() > 0
     assert build_loss([InfoNCEConfig(kind="infonce")], context()).needs_pairs
+
+
+def test_projection_per_matryoshka_width():
+    from trainer.losses.matryoshka import MatryoshkaConfig
+
+    config = MatryoshkaConfig(kind="matryoshka", dims=[8, 4], terms=[EmbedDistillConfig(kind="embed_distill", teacher=TEACHER)])
+    loss = config.build(context(8, 8))
+    maps = loss.terms[0].projection.maps
+    assert list(maps) == ["4"] and maps["4"].in_features == 4 and maps["4"].out_features == 8  # width 8 matches the teacher
+    value = loss(batch().map_tensors(lambda t: t.float()))
+    value.backward()
+    assert maps["4"].weight.grad.abs().sum() > 0
