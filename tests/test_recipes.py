@@ -8,7 +8,7 @@ from trainer.cli import check_paths
 from trainer.config import load_recipe, recipe_to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
 def test_there_are_recipes():
@@ -43,18 +43,24 @@ def prepared_outputs(path: Path) -> list[str]:
     return [c[c.index("--out") + 1] for c in before_commands(path) if "--out" in c]
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def name(path: Path) -> str:
+    return str(path.relative_to(ROOT / "recipes"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=name)
 def test_recipe_validates(path, monkeypatch):
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# Run: embtrain train recipes/" + path.name), first
+    assert first.startswith(f"# Run: embtrain train recipes/{name(path)}"), first
     monkeypatch.chdir(ROOT)
     recipe = load_recipe(path)
     made_before = prepared_outputs(path)
+    if recipe.model.name_or_path.startswith(recipe.checkpointing.output_dir + "/"):
+        made_before.append(recipe.model.name_or_path)  # a later stage starts from an earlier stage's run
     missing = [m for m in check_paths(recipe) if not any(f"{out} not found" in m for out in made_before)]
     assert missing == []
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES, ids=name)
 def test_resolved_recipe_validates_and_round_trips(path, tmp_path, monkeypatch):
     """The resolved recipe saved with a run (every default written out) passes the same checks."""
     monkeypatch.chdir(ROOT)

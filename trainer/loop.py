@@ -275,7 +275,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
         return Preempted(preemption.name, state.step, None if checkpoint is None else str(checkpoint))
 
     accelerator.print(
-        f"{len(examples)} training pairs, {data.steps_per_epoch} steps per epoch, {data.total_steps} steps, "
+        f"{len(examples)} training examples, {data.steps_per_epoch} steps per epoch, {data.total_steps} steps, "
         f"batch {recipe.data.batch_size} x {accelerator.num_processes} process(es), run folder {run_dir}"
     )
     progress = tqdm(
@@ -528,6 +528,7 @@ class LossMeter:
         self.total = torch.zeros((), device=self.device)
         self.count = torch.zeros((), device=self.device)
         self.parts: dict[str, torch.Tensor] = {}
+        self.part_counts: dict[str, torch.Tensor] = {}  # a term that sits out batches of single texts has fewer
 
     def restart_clock(self) -> None:
         self.started, self.pairs = time.perf_counter(), 0
@@ -537,6 +538,7 @@ class LossMeter:
         self.total += torch.where(finite, loss, 0.0)
         for name, value in parts.items():
             self.parts[name] = self.parts.get(name, 0) + torch.where(finite, value, 0.0)
+            self.part_counts[name] = self.part_counts.get(name, 0) + finite
         self.count += finite
         self.pairs += pairs
 
@@ -545,8 +547,10 @@ class LossMeter:
         count = self.count.item()
         mean = lambda total: (total / count).item() if count else None  # noqa: E731 - null: all non-finite
         logged = {"loss": mean(self.total), "lr": lr, "pairs_per_s": self.pairs / (time.perf_counter() - self.started)}
-        if len(self.parts) > 1:
-            logged.update({f"loss/{k}": mean(v) for k, v in self.parts.items()})
+        if len(self.parts) > 1 or len(self.parts) < len(getattr(loss_fn, "module", loss_fn).names):
+            for name, total in self.parts.items():
+                seen = self.part_counts[name].item()
+                logged[f"loss/{name}"] = (total / seen).item() if seen else None
         logged.update(learned_values(loss_fn))
         if nonfinite_steps:
             logged["nonfinite_steps"] = nonfinite_steps
