@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
     from trainer.model.frozen import cache_identity, load_frozen
 
     recipe = load_recipe(args.recipe, args.overrides)
-    models = frozen_models(recipe.loss)
+    models = {k: c for k, c in frozen_models(recipe.loss).items() if c.scorer == "embedding"}
     if not models:
-        raise DataError(f"{args.recipe}: the loss names no frozen model (teacher: or guide:) to embed with")
+        raise DataError(f"{args.recipe}: the loss names no frozen embedding model (teacher: or guide:) to embed with")
     unset = [c.name_or_path for c in models.values() if not c.cache or not c.cache_dir]
     if unset:
         raise DataError(

@@ -30,7 +30,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.config import OptimizerConfig, Recipe, ScheduleConfig
-from trainer.data.collate import Collator, ContrastiveBatch, TextTokenizer
+from trainer.data.collate import Collator, ContrastiveBatch, PairTexts, TextTokenizer
 from trainer.data.readers import read_training_data
 from trainer.data.sampler import NoDuplicatesBatchSampler
 from trainer.data.training_set import TrainingSet
@@ -38,6 +38,7 @@ from trainer.errors import Preempted, RunError
 from trainer.evaluation.runner import EvalRunner
 from trainer.losses import LossContext, WeightedLoss, build_loss
 from trainer.model.encoder import Encoder
+from trainer.model.cross_encoder import CrossEncoderScorer
 from trainer.model.embedding_cache import CachedEncoder, EmbeddingCache
 from trainer.model.frozen import cache_identity, cache_name, frozen_key, load_frozen
 from trainer.preemption import PreemptionWatch
@@ -196,12 +197,28 @@ def with_caches(frozen: dict[str, Encoder], configs: dict[str, object], run_dir:
     wrapped: dict[str, torch.nn.Module] = {}
     for key, encoder in frozen.items():
         config = configs[key]
+        wrapped[key] = encoder
         if not config.cache:
-            wrapped[key] = encoder
             continue
         folder = Path(config.cache_dir) if config.cache_dir else run_dir / "teacher_cache" / cache_name(config)
-        wrapped[key] = CachedEncoder(encoder, EmbeddingCache(folder, cache_identity(config), encoder.dim, rank))
+        if isinstance(encoder, CrossEncoderScorer):  # one score per (query, document) pair
+            encoder.cache = EmbeddingCache(folder, cache_identity(config), 1, rank)
+        else:
+            wrapped[key] = CachedEncoder(encoder, EmbeddingCache(folder, cache_identity(config), encoder.dim, rank))
     return wrapped
+
+
+def set_score_candidates(recipe: Recipe, loss_fn: WeightedLoss, frozen: dict[str, torch.nn.Module], world_size: int) -> None:
+    """Tell each cross-encoder teacher which candidates to score; in-batch candidates need one process
+    (or no cross-device negatives), since a process holds only its own documents' texts."""
+    for key, candidates in loss_fn.score_candidates().items():
+        if candidates == "in_batch" and world_size > 1 and recipe.training.cross_device_negatives:
+            raise RunError(
+                f"a cross-encoder teacher ({frozen[key].model.name_or_path}) scores only this process's documents, "
+                "so candidates: in_batch does not work with cross-device negatives; use candidates: own or "
+                "training.cross_device_negatives: false"
+            )
+        frozen[key].candidates = candidates
 
 
 def check_pairs(recipe: Recipe, loss_fn: WeightedLoss) -> None:
@@ -242,6 +259,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     loss_fn = build_loss(recipe.loss, context)
     check_pairs(recipe, loss_fn)
     frozen = {key: frozen_model(config) for key, config in loss_fn.frozen_encoders().items()}
+    set_score_candidates(recipe, loss_fn, frozen, accelerator.num_processes)
     data = build_data(recipe, accelerator, examples, build_collator(recipe, encoder, frozen))
     evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)  # reads the sets
     if preemption.should_stop(accelerator):
@@ -261,7 +279,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     def save() -> Path:
         state.scheduler = scheduler.state_dict()
         for cached in frozen.values():  # a resumed run finds every text embedded so far
-            if isinstance(cached, CachedEncoder):
+            if getattr(cached, "cache", None) is not None:
                 cached.cache.flush()
         return save_checkpoint(accelerator, model.encoder, state, run_dir, recipe.checkpointing.keep_last)
 
@@ -414,7 +432,8 @@ def build_collator(recipe: Recipe, encoder: Encoder, frozen: dict[str, Encoder])
         for s in sources
     ]
     frozen_tokenizers = {
-        key: TextTokenizer(e.tokenizer, e.config.max_seq_length, [(e.config.query_prompt, e.config.document_prompt)])
+        key: PairTexts() if isinstance(e, CrossEncoderScorer)
+        else TextTokenizer(e.tokenizer, e.config.max_seq_length, [(e.config.query_prompt, e.config.document_prompt)])
         for key, e in frozen.items()
     }
     return Collator(

@@ -20,6 +20,7 @@ from trainer.losses import WeightedLoss
 from trainer.losses.distributed import local_rows, world_size
 from trainer.losses.gradcache import embed_without_grad, split_features
 from trainer.losses.inputs import Embeddings, LossInput
+from trainer.model.cross_encoder import CrossEncoderScorer
 from trainer.model.frozen import embed_frozen
 
 Backward = Callable[..., None]
@@ -57,9 +58,14 @@ def loss_input(
     if layers:
         layer_embeddings = {layer: model.map(lambda t, k=k: t[..., k, :]) for k, layer in enumerate(layers, start=1)}
         model = model.map(lambda t: t[..., 0, :])
-    frozen_embeddings = {}
+    frozen_embeddings, frozen_scores = {}, {}
     for key, encoder in frozen.items():
         texts = batch.frozen[key]
+        if isinstance(encoder, CrossEncoderScorer):  # scores the candidates its terms ask for
+            if texts.document_texts is not None:
+                scores = encoder.score(texts, batch.size, batch.num_negatives, encoder.candidates, chunk_size)
+                frozen_scores[f"{key}|{encoder.candidates}"] = scores
+            continue
         frozen_query = embed_frozen(encoder, texts.queries, chunk_size, texts.query_ids)
         frozen_positive = frozen_negatives = None
         if texts.documents is not None:
@@ -77,6 +83,7 @@ def loss_input(
         in_batch=batch.in_batch,
         teacher_scores=batch.teacher_scores,
         frozen=frozen_embeddings,
+        frozen_scores=frozen_scores,
         layers=layer_embeddings,
         normalized=normalized,
     )

@@ -36,4 +36,4 @@ def test_prep_embed_needs_a_cache_dir(tmp_path, tiny_model, pairs_file, capsys):
     assert "set cache_dir" in capsys.readouterr().err
     plain = write_recipe(tmp_path, tiny_model, pairs_file, "")
     assert main(["prep", "embed", str(plain)]) == 2
-    assert "names no frozen model" in capsys.readouterr().err
+    assert "names no frozen embedding model" in capsys.readouterr().err

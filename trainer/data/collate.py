@@ -59,14 +59,31 @@ def text_ids(texts: list[str]) -> torch.Tensor:
 
 @dataclass
 class FrozenBatch:
-    """A batch's texts tokenised for one frozen encoder, with ids of the texts it sees."""
+    """A batch's texts tokenised for one frozen encoder, with ids of the texts it sees; for a
+    cross-encoder, which tokenises (query, document) pairs in the step, the texts themselves."""
 
-    queries: Features
+    queries: Features | None
     documents: Features | None
     query_ids: torch.Tensor
     """(B,) `text_key` of each query with the encoder's prompt: its key in the embedding cache."""
     document_ids: torch.Tensor | None
     """(B*(1+N),) the same for the documents."""
+    query_texts: list[str] | None = None
+    """The queries, for a cross-encoder."""
+    document_texts: list[str] | None = None
+    """The documents (positives, then hard negatives), for a cross-encoder."""
+
+
+@dataclass
+class PairTexts:
+    """What a cross-encoder needs from a batch: its texts (it reads pairs, tokenised in the step)."""
+
+    def with_ids(self, examples: list[Example]) -> FrozenBatch:
+        queries = [e.query for e in examples]
+        if examples[0].positive is None:
+            return FrozenBatch(None, None, text_ids(queries), None, queries, None)
+        documents = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
+        return FrozenBatch(None, None, text_ids(queries), text_ids(documents), queries, documents)
 
 
 @dataclass
@@ -120,7 +137,7 @@ class Collator:
         max_seq_length: int,
         prompts: list[tuple[str, str]] | None = None,
         in_batch: list[bool] | None = None,
-        frozen: dict[str, TextTokenizer] | None = None,
+        frozen: dict[str, "TextTokenizer | PairTexts"] | None = None,
     ) -> None:
         self.model = TextTokenizer(tokenizer, max_seq_length, prompts or [("", "")])
         self.in_batch = in_batch or [True]

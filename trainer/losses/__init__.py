@@ -18,7 +18,7 @@ from trainer.losses import (  # noqa: F401 - registers the kinds
     margin_mse,
     matryoshka,
 )
-from trainer.losses.base import LossConfig, LossContext, LossTerm, run_terms
+from trainer.losses.base import LossConfig, LossContext, LossTerm, merged_candidates, run_terms
 from trainer.losses.inputs import Embeddings, LossInput
 
 __all__ = ["Embeddings", "LossConfig", "LossContext", "LossInput", "LossTerm", "WeightedLoss", "build_loss"]
@@ -46,6 +46,10 @@ class WeightedLoss(torch.nn.Module):
     def needs_pairs(self) -> bool:
         """Whether every term needs pairs (then a batch of single texts has nothing to train)."""
         return all(term.needs_pairs for term in self.terms)
+
+    def score_candidates(self) -> dict[str, str]:
+        """Frozen cross-encoders and the candidates to score with each (`in_batch` when any term wants them)."""
+        return merged_candidates(self.terms)
 
     def layer_indices(self) -> tuple[int, ...]:
         """Earlier layers whose pooled embeddings the terms read (the step computes them)."""

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.errors import RunError
-from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss, run_terms
+from trainer.losses.base import LossConfig, LossContext, LossTerm, merged_candidates, register_loss, run_terms
 from trainer.losses.infonce import at_least_float32
 from trainer.losses.inputs import LossInput
 from trainer.schema import FieldError
@@ -130,6 +130,9 @@ class AdaptiveLayers(LossTerm):
 
     def frozen_encoders(self) -> dict[str, object]:
         return {k: v for term in self.terms for k, v in term.frozen_encoders().items()}
+
+    def score_candidates(self) -> dict[str, str]:
+        return merged_candidates(self.terms)
 
     def layer_indices(self) -> list[int]:
         inner = {i for term in self.terms for i in term.layer_indices()}

@@ -56,6 +56,11 @@ class LossTerm(torch.nn.Module):
         """Earlier transformer layers whose pooled embeddings this term reads (2D Matryoshka)."""
         return []
 
+    def score_candidates(self) -> dict[str, str]:
+        """Frozen cross-encoders this term reads scores from (key -> `own` or `in_batch`): the step
+        scores those candidates with them."""
+        return {}
+
 
 @dataclass(kw_only=True)
 class LossConfig:
@@ -92,3 +97,12 @@ def run_terms(terms: list[LossTerm], weights: list[float], inputs: LossInput) ->
         values.append(value)
         total = total + weight * value
     return total, values
+
+
+def merged_candidates(terms) -> dict[str, str]:
+    """The terms' `score_candidates`, merged: `in_batch` (a superset) wins over `own`."""
+    wanted: dict[str, str] = {}
+    for term in terms:
+        for key, candidates in term.score_candidates().items():
+            wanted[key] = "in_batch" if "in_batch" in (candidates, wanted.get(key)) else candidates
+    return wanted

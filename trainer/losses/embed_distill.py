@@ -36,7 +36,7 @@ from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
 from trainer.losses.infonce import at_least_float32
 from trainer.losses.inputs import LossInput
 from trainer.losses.teacher import Projection, project, projection, teacher_embeddings
-from trainer.model.frozen import FrozenModelConfig, frozen_key
+from trainer.model.frozen import FrozenModelConfig, embedding_teacher, frozen_key
 
 
 @register_loss
@@ -52,6 +52,9 @@ class EmbedDistillConfig(LossConfig):
     projection: bool | None = None
     """Learn a linear map from the student's embeddings to the teacher's space: null: only when the
     dimensions differ; true: always; false: never (the dimensions must then be equal)."""
+
+    def __post_init__(self) -> None:
+        embedding_teacher("teacher", self.teacher)
 
     def build(self, context: LossContext) -> "EmbedDistill":
         return EmbedDistill(self, projection(context, self.teacher, self.projection))

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
 from trainer.losses.inputs import Embeddings, LossInput
-from trainer.model.frozen import FrozenModelConfig, frozen_key
+from trainer.model.frozen import FrozenModelConfig, embedding_teacher, frozen_key
 from trainer.schema import FieldError
 
 Direction = Literal["query_to_doc", "doc_to_query", "query_to_query", "doc_to_doc"]
@@ -120,6 +120,7 @@ class InfoNCEConfig(LossConfig):
             raise FieldError("hardness_strength", f"is 0, so hardness_mode {self.hardness_mode} does nothing; set it > 0")
         if self.focal_gamma < 0:
             raise FieldError("focal_gamma", f"must be >= 0, got {self.focal_gamma}")
+        embedding_teacher("guide", self.guide)
         if self.false_negative_margin is None and self.guide is not None:
             self.false_negative_margin = 0.0
 

@@ -4,6 +4,7 @@
     query_ids  (B,)       positive_ids (B,)   negative_ids (B, N) or None   stable text ids
     source     (B,)       in_batch (B,)       teacher_scores (B, 1+N) or None
     frozen     {name: Embeddings}   the same texts embedded by frozen encoders (a guide model)
+    frozen_scores {name|candidates: (B, C)}  a frozen cross-encoder's scores of the candidates
     layers     {layer: Embeddings}  the model's embeddings pooled from earlier layers (2D Matryoshka)
 
 A batch of a `texts` source (embedding distillation) has no documents: `positive` and
@@ -82,6 +83,9 @@ class LossInput:
     """(B, 1+N) float32 teacher scores of the positive then each hard negative, when the data has them."""
     frozen: dict[str, Embeddings] = field(default_factory=dict)
     """The same texts embedded by frozen encoders (no gradient), by name."""
+    frozen_scores: dict[str, Tensor] = field(default_factory=dict)
+    """A frozen cross-encoder's scores of each query's candidates, by `frozen_key|own` ((B, 1+N):
+    its positive, then its hard negatives) or `frozen_key|in_batch` ((B, B*(1+N)): every document)."""
     layers: dict[int, Embeddings] = field(default_factory=dict)
     """The model's embeddings pooled from the output of its first `layer` transformer layers (0: the
     token embeddings), for the layers the terms ask for (`LossTerm.layer_indices`); they carry a
@@ -162,6 +166,8 @@ class LossInput:
                 changes[f.name] = fn(value)
             elif f.name in ("frozen", "layers"):
                 changes[f.name] = {name: e.map(fn) for name, e in value.items()}
+            elif f.name == "frozen_scores":
+                changes[f.name] = {name: fn(t) for name, t in value.items()}
         return dataclasses.replace(self, **changes)
 
     def gather(self) -> "LossInput":

@@ -37,7 +37,7 @@ from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
 from trainer.losses.infonce import at_least_float32
 from trainer.losses.inputs import LossInput
 from trainer.losses.teacher import Projection, project, projection, teacher_embeddings
-from trainer.model.frozen import FrozenModelConfig, frozen_key
+from trainer.model.frozen import FrozenModelConfig, embedding_teacher, frozen_key
 from trainer.schema import FieldError
 
 
@@ -62,6 +62,7 @@ class JasperConfig(LossConfig):
     dimensions differ; true: always; false: never."""
 
     def __post_init__(self) -> None:
+        embedding_teacher("teacher", self.teacher)
         weights = (self.cosine_weight, self.similarity_weight, self.relative_weight)
         if min(weights) < 0:
             raise FieldError("cosine_weight", "cosine_weight, similarity_weight and relative_weight must be >= 0")

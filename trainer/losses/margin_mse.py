@@ -67,6 +67,10 @@ class MarginMSE(LossTerm):
     def frozen_encoders(self) -> dict[str, object]:
         return {frozen_key(self.config.teacher): self.config.teacher} if self.config.teacher is not None else {}
 
+    def score_candidates(self) -> dict[str, str]:
+        teacher = self.config.teacher
+        return {frozen_key(teacher): self.config.candidates} if teacher is not None and teacher.scorer == "cross_encoder" else {}
+
     def forward(self, inputs: LossInput) -> torch.Tensor:
         config = self.config
         if config.candidates == "own" and inputs.num_negatives == 0:

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from trainer.errors import RunError
-from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss, run_terms
+from trainer.losses.base import LossConfig, LossContext, LossTerm, merged_candidates, register_loss, run_terms
 from trainer.losses.inputs import LossInput
 from trainer.schema import FieldError
 
@@ -92,6 +92,9 @@ class Matryoshka(LossTerm):
 
     def frozen_encoders(self) -> dict[str, object]:
         return {k: v for term in self.terms for k, v in term.frozen_encoders().items()}
+
+    def score_candidates(self) -> dict[str, str]:
+        return merged_candidates(self.terms)
 
     def layer_indices(self) -> list[int]:
         return sorted({i for term in self.terms for i in term.layer_indices()})

@@ -6,7 +6,9 @@ Teachers:
   `prep mine`), one per candidate of the row: its positive, then each hard negative;
 - online: a frozen embedding model (`teacher:` in the term), which embeds the batch's texts inside
   the step without gradient, in its own precision and with its own tokenizer and prompts; its
-  scores are dot products of its embeddings, so it scores any candidate, in-batch ones included.
+  scores are dot products of its embeddings, so it scores any candidate, in-batch ones included;
+- online: a frozen cross-encoder (`teacher: {scorer: cross_encoder}`), which reads each (query,
+  candidate) pair inside the step (`inputs.frozen_scores`).
 
 Candidates of query i:
 - `own`: its positive and its hard negatives, (B, 1+N), positive first;
@@ -47,6 +49,11 @@ def teacher_candidate_scores(
     inputs: LossInput, teacher: FrozenModelConfig | None, candidates: Candidates, term: str
 ) -> torch.Tensor:
     """The teacher's scores of the candidates, shaped like `candidate_scores`, without gradient."""
+    if teacher is not None and teacher.scorer == "cross_encoder":
+        key = frozen_key(teacher)
+        if f"{key}|{candidates}" in inputs.frozen_scores:
+            return inputs.frozen_scores[f"{key}|{candidates}"].detach()
+        return own_columns(inputs.frozen_scores[f"{key}|in_batch"], inputs.num_negatives).detach()
     if teacher is not None:
         return candidate_scores(teacher_embeddings(inputs, teacher), candidates).detach()
     if inputs.teacher_scores is None:
@@ -55,6 +62,14 @@ def teacher_candidate_scores(
             "(written by `embtrain prep score`), or give the term a teacher: model to score online"
         )
     return inputs.teacher_scores[:, : 1 + inputs.num_negatives].detach()
+
+
+def own_columns(scores: torch.Tensor, num_negatives: int) -> torch.Tensor:
+    """(B, 1+N) from (B, B*(1+N)): each row's positive column, then its hard negatives' columns."""
+    size = scores.shape[0]
+    rows = torch.arange(size, device=scores.device)
+    columns = torch.cat([rows[:, None], size + rows[:, None] * num_negatives + torch.arange(num_negatives, device=scores.device)], dim=1)
+    return scores.gather(1, columns)
 
 
 def excluded_candidates(inputs: LossInput, candidates: Candidates) -> torch.Tensor | None:

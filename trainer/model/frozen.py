@@ -17,11 +17,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 @dataclass
 class FrozenModelConfig:
-    """A frozen embedding model used inside the training step."""
+    """A frozen model used inside the training step: an embedding model, or a cross-encoder."""
 
     name_or_path: str
     """Model folder, embtrain checkpoint, Hub id or package:NAME; embedded with the settings
     saved with it (pooling, prompts, length), like `embtrain eval` does."""
+    scorer: Literal["embedding", "cross_encoder"] = "embedding"
+    """embedding: it embeds texts and scores by dot product; cross_encoder: a sequence classifier
+    that reads each (query, document) pair (score distillation only: distill_kl, margin_mse)."""
+    label: str | None = None
+    """A cross-encoder's relevant label, by name or index; null: found from its config (see
+    `embtrain prep score`)."""
     max_seq_length: int | None = None
     """Truncate its inputs to this many tokens; null: the length saved with the model."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
@@ -29,8 +35,9 @@ class FrozenModelConfig:
     trust_remote_code: bool = False
     """Let a model that names its own code run it (only for models you trust)."""
     cache: bool = True
-    """Keep its embeddings on disk, keyed by text, so that each text is embedded once per run,
-    not once per epoch (in the run folder's teacher_cache/, kept across resumes)."""
+    """Keep its embeddings (a cross-encoder: its pair scores) on disk, keyed by text, so that each
+    text is embedded once per run, not once per epoch (in the run folder's teacher_cache/, kept
+    across resumes)."""
     cache_dir: str | None = None
     """A cache folder of your own instead, shared by runs: `embtrain prep embed` fills it ahead
     of training. It remembers its model and refuses another."""
@@ -42,7 +49,15 @@ class FrozenModelConfig:
 
 def frozen_key(config: FrozenModelConfig) -> str:
     """One name per distinct frozen model: terms that name the same model share its embeddings."""
+    if config.scorer == "cross_encoder":
+        return f"{config.name_or_path}|{config.max_seq_length}|{config.dtype}|cross_encoder|{config.label}"
     return f"{config.name_or_path}|{config.max_seq_length}|{config.dtype}"
+
+
+def embedding_teacher(field: str, config: FrozenModelConfig | None) -> None:
+    """Refuse a cross-encoder where a term needs embeddings."""
+    if config is not None and config.scorer != "embedding":
+        raise FieldError(field, f"needs an embedding model; {config.name_or_path} is set as scorer: {config.scorer}")
 
 
 def cache_name(config: FrozenModelConfig) -> str:
@@ -66,12 +81,20 @@ def cache_identity(config: FrozenModelConfig) -> dict:
         for path in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin"), *folder.glob("model/*.safetensors")]):
             stat = path.stat()
             weights.append([path.name, stat.st_size, stat.st_mtime_ns])
-    return {"model": config.name_or_path, "max_seq_length": config.max_seq_length, "dtype": config.dtype, "weights": weights}
+    identity = {"model": config.name_or_path, "max_seq_length": config.max_seq_length, "dtype": config.dtype, "weights": weights}
+    if config.scorer == "cross_encoder":
+        identity |= {"scorer": config.scorer, "label": config.label}
+    return identity
 
 
 def load_frozen(config: FrozenModelConfig):
-    """The model as an `Encoder` in eval mode with gradients off."""
+    """The model as an `Encoder` (a cross-encoder: a `CrossEncoderScorer`) in eval mode with gradients off."""
     from trainer.model.encoder import Encoder, embedding_config
+
+    if config.scorer == "cross_encoder":
+        from trainer.model.cross_encoder import load_cross_encoder
+
+        return load_cross_encoder(config)
 
     settings = embedding_config(config.name_or_path, config.trust_remote_code)
     if config.max_seq_length is not None:
