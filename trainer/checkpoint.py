@@ -265,13 +265,23 @@ def load_checkpoint(accelerator: Accelerator, folder: Path) -> TrainState:
     return state
 
 
+LOSS_FILE = "loss.safetensors"
+"""The loss's parameters in best/ (step_N folders keep them in accelerate/model_1.safetensors)."""
+
+
 def save_best(
-    encoder: Encoder, full_state: dict, run_dir: Path, metrics: dict[str, float], step: int
+    encoder: Encoder, full_state: dict, run_dir: Path, metrics: dict[str, float], step: int,
+    loss_state: dict | None = None,
 ) -> None:
-    """Main process only: the model in Hugging Face format plus the metrics that made it best."""
+    """Main process only: the model in Hugging Face format plus the metrics that made it best, and
+    the loss's parameters (`loss.safetensors`: a learned projection, a temperature) when it has any."""
     tmp = run_dir / ".tmp_best"
     if tmp.exists():
         shutil.rmtree(tmp)
     encoder.save_pretrained(tmp, state_dict=full_state)
+    if loss_state:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in loss_state.items()}, str(tmp / LOSS_FILE))
     (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
     _finish(tmp, run_dir / "best", step)

@@ -185,11 +185,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         check=not args.no_check,
         onnx=args.onnx,
         trust_remote_code=args.trust_remote_code,
+        projection=args.projection,
     )
     checkpoint = Path(args.checkpoint)
     run_dir = checkpoint.parent if (checkpoint.parent / "recipe.yaml").exists() else None
     st_config = json.loads((result.folder / "config_sentence_transformers.json").read_text())
     dimension = args.dim or json.loads((result.folder / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"]
+    if args.projection:  # the last module maps into the teacher's space
+        last = json.loads((result.folder / "modules.json").read_text())[-1]
+        dimension = json.loads((result.folder / last["path"] / "config.json").read_text())["out_features"]
     write_model_card(
         result.folder,
         name=args.name or result.folder.name,
@@ -273,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--layers", type=positive_int, help="keep only the first N transformer layers (models trained with adaptive_layers)"
     )
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    export.add_argument(
+        "--projection", nargs="?", const="auto",
+        help="end with a distillation term's learned projection into the teacher's space (a name, or the only one)",
+    )
     export.add_argument("--onnx", action="store_true", help="also write onnx/model.onnx (pip install 'embtrain[onnx]')")
     export.add_argument("--no-check", action="store_true", help="skip the parity checks")
     export.add_argument("--name", help="model name in the card, e.g. user/my-model (default: folder name)")

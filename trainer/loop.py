@@ -347,7 +347,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
             if every and state.step % every == 0 and not done and recipe.evaluation.sets:
                 metrics = evals.run(accelerator, model.encoder)
                 metrics_log.write(state.step, metrics)
-                evals.update_best(accelerator, model.encoder, metrics, state)
+                evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)
                 meter.restart_clock()  # throughput counts training only
             every = recipe.checkpointing.every_steps
             if every and state.step % every == 0 and not done:
@@ -372,7 +372,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     if recipe.evaluation.at_end and recipe.evaluation.sets:
         metrics = evals.run(accelerator, model.encoder)
         metrics_log.write(state.step, metrics)
-        evals.update_best(accelerator, model.encoder, metrics, state)
+        evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)
     state.finished = True
     final = save()
     if preemption.should_stop(accelerator):

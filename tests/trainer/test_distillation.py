@@ -127,3 +127,27 @@ def test_texts_sources_need_a_term_that_takes_single_texts(tmp_path, tiny_model,
     path.write_text(text)
     with pytest.raises(RunError, match="every loss term needs"):
         train(load_recipe(path))
+
+
+def test_export_with_the_projection_gives_the_teachers_space(tmp_path, tiny_model, pairs_file, texts_file, wide_teacher, tiny_beir):
+    from sentence_transformers import SentenceTransformer
+
+    from trainer.cli import main
+    from trainer.model.encoder import Encoder, embedding_config
+
+    recipe = distill_recipe(tmp_path, tiny_model, pairs_file, texts_file, wide_teacher)
+    recipe.write_text(recipe.read_text() + f"evaluation: {{sets: [{{kind: retrieval, name: tiny, path: {tiny_beir}}}], metric_for_best: tiny/ndcg@10}}\n")
+    train(load_recipe(recipe, ["checkpointing.every_steps=null"]))
+    step = tmp_path / "runs" / "r" / "step_4"
+    out = tmp_path / "projected"
+    assert main(["export", str(step), "--out", str(out), "--projection"]) == 2  # two terms learned one: name it
+    assert main(["export", str(step), "--out", str(out), "--projection", "terms.0.projection.maps.32"]) == 0
+    model = SentenceTransformer(str(out), device="cpu")
+    got = model.encode(["alpha beta"], convert_to_tensor=True)
+    assert got.shape == (1, 48)
+    weights = load_file(str(step / "accelerate" / "model_1.safetensors"))
+    student = Encoder.from_config(embedding_config(str(step))).eval()
+    expected = student.encode(["alpha beta"], is_query=True) @ weights["terms.0.projection.maps.32.weight"].T + weights["terms.0.projection.maps.32.bias"]
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    best = tmp_path / "runs" / "r" / "best"  # keeps the loss's parameters too, so it exports the same way
+    assert main(["export", str(best), "--out", str(tmp_path / "from-best"), "--projection", "terms.0.projection.maps.32"]) == 0

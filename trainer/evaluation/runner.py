@@ -66,7 +66,10 @@ class EvalRunner:
             tqdm.write(f"eval: {shown}")
         return metrics
 
-    def update_best(self, accelerator: Accelerator, encoder: torch.nn.Module, metrics: dict[str, float], state: TrainState):
+    def update_best(
+        self, accelerator: Accelerator, encoder: torch.nn.Module, metrics: dict[str, float], state: TrainState,
+        loss_fn: torch.nn.Module | None = None,
+    ):
         name = self.config.metric_for_best
         if name is None:
             return
@@ -80,6 +83,9 @@ class EvalRunner:
             state.best_metric, state.best_step = value, state.step
             if self.save_best_model:
                 full_state = accelerator.get_state_dict(encoder)  # collective when parameters are sharded
+                loss_state = None
+                if loss_fn is not None and any(True for _ in loss_fn.parameters()):  # a learned projection, temperature
+                    loss_state = accelerator.unwrap_model(loss_fn).state_dict()
                 if accelerator.is_main_process:
-                    save_best(accelerator.unwrap_model(encoder), full_state, self.run_dir, metrics, state.step)
+                    save_best(accelerator.unwrap_model(encoder), full_state, self.run_dir, metrics, state.step, loss_state)
                 accelerator.wait_for_everyone()

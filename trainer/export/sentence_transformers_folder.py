@@ -121,7 +121,44 @@ def _pooling_config(pooling: str, dim: int) -> dict:
     }
 
 
-def write_folder(encoder: Encoder, out: Path, dtype: str, truncate_dim: int | None) -> None:
+def read_projection(checkpoint: Path, wanted: str, width: int) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """A distillation term's learned projection (name, weight, bias) from the loss parameters a
+    checkpoint keeps (best/loss.safetensors, or step_N/accelerate/model_1.safetensors). `wanted`:
+    its name (e.g. terms.0.projection.maps.384), or `auto`: the only one of this width."""
+    import re
+
+    from safetensors.torch import load_file
+
+    from trainer.checkpoint import LOSS_FILE
+
+    files = [checkpoint / LOSS_FILE, checkpoint / "accelerate" / "model_1.safetensors"]
+    path = next((f for f in files if f.exists()), None)
+    if path is None:
+        raise ExportError(
+            f"{checkpoint}: no loss parameters to take a projection from; --projection needs a checkpoint of a run "
+            "whose embed_distill or jasper term learned one (a step_N folder, or best/ of this version)"
+        )
+    state = load_file(str(path))
+    names = sorted(k[: -len(".weight")] for k in state if re.search(r"projection\.maps\.\d+\.weight$", k))
+    if wanted == "auto":
+        names = [n for n in names if n.endswith(f".{width}")]
+        if len(names) != 1:
+            raise ExportError(
+                f"{path}: {len(names)} projections of width {width} ({', '.join(names) or 'none'}); name one with --projection NAME"
+            )
+        wanted = names[0]
+    if wanted not in names:
+        raise ExportError(f"{path}: no projection {wanted!r}; there are: {', '.join(names) or 'none'}")
+    weight, bias = state[f"{wanted}.weight"], state[f"{wanted}.bias"]
+    if weight.shape[1] != width:
+        raise ExportError(f"--projection {wanted} maps {weight.shape[1]} dimensions, the export has {width}")
+    return wanted, weight.float(), bias.float()
+
+
+def write_folder(
+    encoder: Encoder, out: Path, dtype: str, truncate_dim: int | None,
+    projection: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
     config = encoder.config
     hidden = encoder.backbone.config.hidden_size
     truncate_dim = truncate_dim or config.embedding_dim
@@ -159,6 +196,18 @@ def write_folder(encoder: Encoder, out: Path, dtype: str, truncate_dim: int | No
             {"idx": index, "name": str(index), "path": f"{index}_Normalize", "type": "sentence_transformers.models.Normalize"}
         )
         (out / f"{index}_Normalize").mkdir()
+    if projection is not None:  # a distillation projection into the teacher's space, after normalising
+        weight, bias = projection
+        index = len(modules)
+        folder = out / f"{index}_Dense"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({
+            "in_features": weight.shape[1], "out_features": weight.shape[0], "bias": True,
+            "activation_function": "torch.nn.modules.linear.Identity",
+        }, indent=2))
+        save_file({"linear.weight": weight.to(DTYPES[dtype]).contiguous(), "linear.bias": bias.to(DTYPES[dtype]).contiguous()},
+                  str(folder / "model.safetensors"))
+        modules.append({"idx": index, "name": str(index), "path": f"{index}_Dense", "type": "sentence_transformers.models.Dense"})
     (out / "modules.json").write_text(json.dumps(modules, indent=2))
     prompts = {}
     if config.query_prompt:
@@ -206,6 +255,7 @@ def export(
     check: bool = True,
     onnx: bool = False,
     trust_remote_code: bool = False,
+    projection: str | None = None,
 ) -> ExportResult:
     """Export, then check parity on fixed texts (queries and documents, with their prompts).
     Every check on `out` runs before anything is written or deleted. `num_layers` keeps only the
@@ -217,6 +267,13 @@ def export(
         raise ExportError(f"--dim {truncate_dim} must be between 1 and the model's {encoder.dim}")
     expected_queries = reference_embeddings(encoder, PARITY_TEXTS, truncate_dim, is_query=True)
     expected_docs = reference_embeddings(encoder, PARITY_TEXTS, truncate_dim, is_query=False)
+    linear = None
+    if projection is not None:
+        if onnx:
+            raise ExportError("--onnx writes the encoder without the projection; export them separately")
+        _, weight, bias = read_projection(Path(checkpoint), projection, truncate_dim or encoder.dim)
+        linear = (weight, bias)
+        expected_queries, expected_docs = (e @ weight.T + bias for e in (expected_queries, expected_docs))
 
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
@@ -234,7 +291,7 @@ def export(
                 raise ExportError(
                     f"ONNX parity check failed: {onnx_diff:.2e} > {ONNX_TOLERANCE:.0e}; the export is left in {tmp}"
                 )
-    write_folder(encoder, tmp, dtype, truncate_dim)
+    write_folder(encoder, tmp, dtype, truncate_dim, linear)
     diff = 0.0
     if check:
         got_queries = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.query_prompt, trust_remote_code)
