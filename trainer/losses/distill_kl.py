@@ -34,26 +34,25 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
+from trainer.losses.base import LossContext, register_loss
 from trainer.losses.infonce import at_least_float32
 from trainer.losses.inputs import LossInput
-from trainer.losses.teacher import candidate_scores, excluded_candidates, teacher_candidate_scores
-from trainer.model.frozen import FrozenModelConfig, frozen_key
+from trainer.losses.teacher import (
+    ScoreDistillOptions,
+    ScoreDistillTerm,
+    candidate_scores,
+    excluded_candidates,
+    teacher_candidate_scores,
+)
 from trainer.schema import FieldError
 
 
 @register_loss
 @dataclass
-class DistillKLConfig(LossConfig):
+class DistillKLConfig(ScoreDistillOptions):
     """KL divergence between the teacher's and the student's softmax over each query's candidates."""
 
     kind: Literal["distill_kl"]
-    teacher: FrozenModelConfig | None = None
-    """A frozen embedding model that scores the candidates online; null: the teacher_scores of the
-    data (a source's teacher_scores_column)."""
-    candidates: Literal["own", "in_batch"] | None = None
-    """own: the row's positive and hard negatives; in_batch: every document of the batch (needs a
-    teacher model). null: in_batch with a teacher model, own with the data's scores."""
     temperature: float = 0.05
     """The student's scores are divided by this."""
     teacher_temperature: float | None = None
@@ -61,33 +60,17 @@ class DistillKLConfig(LossConfig):
     scale: about 1 for cross-encoder logits, like `temperature` for cosine scores."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("temperature", "teacher_temperature"):
             value = getattr(self, name)
             if value is not None and not 0 < value < math.inf:
                 raise FieldError(name, f"must be > 0, got {value}")
-        if self.candidates == "in_batch" and self.teacher is None:
-            raise FieldError(
-                "candidates", "in_batch needs a teacher model (teacher:); the data's scores cover only the row's own documents"
-            )
-        if self.candidates is None:
-            self.candidates = "own" if self.teacher is None else "in_batch"
 
     def build(self, context: LossContext) -> "DistillKL":
         return DistillKL(self)
 
 
-class DistillKL(LossTerm):
-    def __init__(self, config: DistillKLConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def frozen_encoders(self) -> dict[str, object]:
-        return {frozen_key(self.config.teacher): self.config.teacher} if self.config.teacher is not None else {}
-
-    def score_candidates(self) -> dict[str, str]:
-        teacher = self.config.teacher
-        return {frozen_key(teacher): self.config.candidates} if teacher is not None and teacher.scorer == "cross_encoder" else {}
-
+class DistillKL(ScoreDistillTerm):
     def forward(self, inputs: LossInput) -> torch.Tensor:
         config = self.config
         student = at_least_float32(candidate_scores(inputs.embeddings, config.candidates)) / config.temperature

@@ -32,11 +32,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
-from trainer.losses.infonce import at_least_float32
+from trainer.losses.base import LossConfig, LossContext, register_loss
 from trainer.losses.inputs import LossInput
-from trainer.losses.teacher import Projection, project, projection, teacher_embeddings
-from trainer.model.frozen import FrozenModelConfig, embedding_teacher, frozen_key
+from trainer.losses.teacher import EmbeddingDistillTerm, projection
+from trainer.model.frozen import FrozenModelConfig, embedding_teacher
 
 
 @register_loss
@@ -60,21 +59,9 @@ class EmbedDistillConfig(LossConfig):
         return EmbedDistill(self, projection(context, self.teacher, self.projection))
 
 
-class EmbedDistill(LossTerm):
-    needs_pairs = False
-
-    def __init__(self, config: EmbedDistillConfig, projection: Projection | None) -> None:
-        super().__init__()
-        self.config = config
-        self.projection = projection
-
-    def frozen_encoders(self) -> dict[str, object]:
-        return {frozen_key(self.config.teacher): self.config.teacher}
-
+class EmbedDistill(EmbeddingDistillTerm):
     def forward(self, inputs: LossInput) -> torch.Tensor:
-        student = project(self.projection, inputs.embeddings.texts)
-        student = at_least_float32(student)
-        teacher = teacher_embeddings(inputs, self.config.teacher).texts.detach().to(student.dtype)
+        student, teacher = self.student_and_teacher(inputs)
         return embedding_distance(student, teacher, self.config.metric)
 
 

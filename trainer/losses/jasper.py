@@ -33,11 +33,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
-from trainer.losses.infonce import at_least_float32
+from trainer.losses.base import LossConfig, LossContext, register_loss
 from trainer.losses.inputs import LossInput
-from trainer.losses.teacher import Projection, project, projection, teacher_embeddings
-from trainer.model.frozen import FrozenModelConfig, embedding_teacher, frozen_key
+from trainer.losses.teacher import EmbeddingDistillTerm, projection
+from trainer.model.frozen import FrozenModelConfig, embedding_teacher
 from trainer.schema import FieldError
 
 
@@ -75,22 +74,11 @@ class JasperConfig(LossConfig):
         return Jasper(self, projection(context, self.teacher, self.projection))
 
 
-class Jasper(LossTerm):
-    needs_pairs = False
-
-    def __init__(self, config: JasperConfig, projection: Projection | None) -> None:
-        super().__init__()
-        self.config = config
-        self.projection = projection
-
-    def frozen_encoders(self) -> dict[str, object]:
-        return {frozen_key(self.config.teacher): self.config.teacher}
-
+class Jasper(EmbeddingDistillTerm):
     def forward(self, inputs: LossInput) -> torch.Tensor:
         config = self.config
-        student = project(self.projection, inputs.embeddings.texts)
-        student = F.normalize(at_least_float32(student), dim=-1)
-        teacher = F.normalize(teacher_embeddings(inputs, config.teacher).texts.detach().to(student.dtype), dim=-1)
+        student, teacher = self.student_and_teacher(inputs)
+        student, teacher = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
         total = student.new_zeros(())
         if config.cosine_weight:
             total = total + config.cosine_weight * (1 - (student * teacher).sum(-1)).mean()

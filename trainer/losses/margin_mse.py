@@ -27,50 +27,30 @@ from typing import Literal
 import torch
 
 from trainer.errors import RunError
-from trainer.losses.base import LossConfig, LossContext, LossTerm, register_loss
+from trainer.losses.base import LossContext, register_loss
 from trainer.losses.infonce import at_least_float32
 from trainer.losses.inputs import LossInput
-from trainer.losses.teacher import candidate_scores, excluded_candidates, teacher_candidate_scores
-from trainer.model.frozen import FrozenModelConfig, frozen_key
-from trainer.schema import FieldError
+from trainer.losses.teacher import (
+    ScoreDistillOptions,
+    ScoreDistillTerm,
+    candidate_scores,
+    excluded_candidates,
+    teacher_candidate_scores,
+)
 
 
 @register_loss
 @dataclass
-class MarginMSEConfig(LossConfig):
+class MarginMSEConfig(ScoreDistillOptions):
     """Mean squared error between the student's and the teacher's positive-minus-candidate margins."""
 
     kind: Literal["margin_mse"]
-    teacher: FrozenModelConfig | None = None
-    """A frozen embedding model that scores the candidates online; null: the teacher_scores of the data."""
-    candidates: Literal["own", "in_batch"] | None = None
-    """own: the row's hard negatives; in_batch: every other document of the batch (needs a teacher
-    model). null: in_batch with a teacher model, own with the data's scores."""
-
-    def __post_init__(self) -> None:
-        if self.candidates == "in_batch" and self.teacher is None:
-            raise FieldError(
-                "candidates", "in_batch needs a teacher model (teacher:); the data's scores cover only the row's own documents"
-            )
-        if self.candidates is None:
-            self.candidates = "own" if self.teacher is None else "in_batch"
 
     def build(self, context: LossContext) -> "MarginMSE":
         return MarginMSE(self)
 
 
-class MarginMSE(LossTerm):
-    def __init__(self, config: MarginMSEConfig) -> None:
-        super().__init__()
-        self.config = config
-
-    def frozen_encoders(self) -> dict[str, object]:
-        return {frozen_key(self.config.teacher): self.config.teacher} if self.config.teacher is not None else {}
-
-    def score_candidates(self) -> dict[str, str]:
-        teacher = self.config.teacher
-        return {frozen_key(teacher): self.config.candidates} if teacher is not None and teacher.scorer == "cross_encoder" else {}
-
+class MarginMSE(ScoreDistillTerm):
     def forward(self, inputs: LossInput) -> torch.Tensor:
         config = self.config
         if config.candidates == "own" and inputs.num_negatives == 0:

@@ -18,16 +18,77 @@ Candidates of query i:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from trainer.losses.base import LossContext
+from trainer.errors import RunError
+from trainer.losses.base import LossConfig, LossContext, LossTerm
 from trainer.losses.inputs import Embeddings, LossInput
 from trainer.model.frozen import FrozenModelConfig, frozen_key
-from trainer.errors import RunError
+from trainer.schema import FieldError
 
 Candidates = Literal["own", "in_batch"]
+
+
+@dataclass(kw_only=True)
+class ScoreDistillOptions(LossConfig):
+    """Options of the terms that distill a teacher's scores of each query's candidates."""
+
+    teacher: FrozenModelConfig | None = None
+    """A frozen model that scores the candidates online (an embedding model, or scorer:
+    cross_encoder); null: the teacher_scores of the data (a source's teacher_scores_column)."""
+    candidates: Literal["own", "in_batch"] | None = None
+    """own: the row's positive and hard negatives; in_batch: every document of the batch (needs a
+    teacher model). null: in_batch with a teacher model, own with the data's scores."""
+
+    def __post_init__(self) -> None:
+        if self.candidates == "in_batch" and self.teacher is None:
+            raise FieldError(
+                "candidates", "in_batch needs a teacher model (teacher:); the data's scores cover only the row's own documents"
+            )
+        if self.candidates is None:
+            self.candidates = "own" if self.teacher is None else "in_batch"
+
+
+class ScoreDistillTerm(LossTerm):
+    """A term with `ScoreDistillOptions`: it names its teacher, and the candidates a cross-encoder
+    teacher must score."""
+
+    def __init__(self, config: ScoreDistillOptions) -> None:
+        super().__init__()
+        self.config = config
+
+    def frozen_encoders(self) -> dict[str, object]:
+        return {frozen_key(self.config.teacher): self.config.teacher} if self.config.teacher is not None else {}
+
+    def score_candidates(self) -> dict[str, str]:
+        teacher = self.config.teacher
+        return {frozen_key(teacher): self.config.candidates} if teacher is not None and teacher.scorer == "cross_encoder" else {}
+
+
+class EmbeddingDistillTerm(LossTerm):
+    """A term that compares the student's embeddings of every text of the batch with a frozen
+    teacher's (`config.teacher`), through the learned projection where the widths differ."""
+
+    needs_pairs = False
+
+    def __init__(self, config, projection: "Projection | None") -> None:
+        super().__init__()
+        self.config = config
+        self.projection = projection
+
+    def frozen_encoders(self) -> dict[str, object]:
+        return {frozen_key(self.config.teacher): self.config.teacher}
+
+    def student_and_teacher(self, inputs: LossInput) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, D_teacher) projected student embeddings in at least float32, and the teacher's (detached)."""
+        from trainer.losses.infonce import at_least_float32
+
+        student = at_least_float32(project(self.projection, inputs.embeddings.texts))
+        teacher = teacher_embeddings(inputs, self.config.teacher).texts.detach().to(student.dtype)
+        return student, teacher
 
 
 def teacher_embeddings(inputs: LossInput, teacher: FrozenModelConfig) -> Embeddings:
