@@ -386,6 +386,6 @@ def test_every_registered_kind_has_its_implementation():
     from trainer.evaluation import EVALUATORS
     from trainer.losses import LossConfig
 
-    assert set(SourceOptions.registry) == set(READERS) == {"pairs", "beir"}
+    assert set(SourceOptions.registry) == set(READERS) == {"pairs", "beir", "texts"}
     assert set(EvalSetConfig.registry) == set(EVALUATORS) == {"retrieval", "sts"}
     assert {"infonce", "matryoshka", "adaptive_layers", "gor"} <= set(LossConfig.registry)
