@@ -94,8 +94,15 @@ def test_equals_sentence_transformers_gist(monkeypatch):
     q, p = unit(6, 8, seed=1), unit(6, 8, seed=2)
     gq, gp = unit(6, 4, seed=4), unit(6, 4, seed=5)
     gp[2] = gq[2] * 0.2 + gp[2]  # some guide scores above the pairs' own
-    gq[3] = gp[1]
+    gq[3] = gp[1] + 0.3 * gq[1]  # query 3 is, to the guide, closer to query 1 than 1's own positive
     gp, gq = F.normalize(gp, dim=-1), F.normalize(gq, dim=-1)
+    # no guide score within rounding of a pair's threshold: the two implementations compute the
+    # same score by different products, and a tie would be decided by the last bit
+    guide_scores = torch.cat([gq @ gp.T, gq @ gq.T, gp @ gp.T], dim=1)
+    candidate = ~torch.cat([torch.eye(6, dtype=torch.bool)] * 3, dim=1)  # the pair itself and self-scores
+    for margin in (0.0, 0.1):
+        gap = (guide_scores - ((gq * gp).sum(-1) - margin)[:, None]).abs()
+        assert (gap[candidate] > 1e-6).all()
     tokenizer = BertTokenizerFast(vocab={"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "a": 4})
     model = SimpleNamespace(tokenizer=tokenizer, max_seq_length=16, tag="model")
     guide = SimpleNamespace(tokenizer=tokenizer, max_seq_length=16, tag="guide")
