@@ -199,6 +199,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         name=args.name or result.folder.name,
         run_dir=run_dir,
         dimension=dimension,
+        cut_dim=args.dim,
+        cut_layers=args.layers,
         similarity=st_config["similarity_fn_name"],
         prompts=st_config["prompts"],
         language=args.language,

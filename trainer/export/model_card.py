@@ -12,6 +12,8 @@ from pathlib import Path
 
 import yaml
 
+from trainer.config import dim_suffix
+
 PLOT_FILE = "training_curves.png"
 
 
@@ -119,12 +121,41 @@ def _model_index(name: str, evaluation: dict) -> list[dict]:
     return [{"name": name, "results": results}] if results else []
 
 
+def served_metrics(evaluation: dict, cut_dim: int | None) -> dict:
+    """The metrics of the model as exported: at `cut_dim` (their `@dim<N>` names, the suffix
+    dropped) when the export is cut to that size, else the full-size ones; never other sizes."""
+    full = {k: v for k, v in evaluation.items() if k != "step" and "@dim" not in k}
+    if cut_dim is None:
+        return full
+    suffix = dim_suffix(cut_dim)
+    return {k[: -len(suffix)]: v for k, v in evaluation.items() if k.endswith(suffix)}
+
+
+def describe_term(term: dict) -> str:
+    """One loss term of the recipe as run, with the options it was given and its inner terms."""
+    options = []
+    for key, value in term.items():
+        if key in ("kind", "terms", "weight") or value in (None, False, [], {}, "none"):
+            continue
+        if isinstance(value, dict):  # a teacher or a guide
+            value = value.get("name_or_path", value)
+        options.append(f"{key} {value}")
+    text = term.get("kind", "?") + (f" ({', '.join(options)})" if options else "")
+    if term.get("weight") not in (None, 1.0, 1):
+        text = f"{term['weight']} x {text}"
+    if term.get("terms"):
+        text += " of [" + "; ".join(describe_term(inner) for inner in term["terms"]) + "]"
+    return text
+
+
 def write_model_card(
     folder: Path,
     *,
     name: str,
     run_dir: Path | None,
     dimension: int,
+    cut_dim: int | None = None,
+    cut_layers: int | None = None,
     similarity: str,
     prompts: dict[str, str],
     language: list[str] | None = None,
@@ -152,7 +183,10 @@ def write_model_card(
         metadata["language"] = language
     if license:
         metadata["license"] = license
-    model_index = _model_index(name, {k: v for k, v in final.items() if k != "step"})
+    # the headline scores are the exported model's own: at its cut size, and none for a model cut
+    # to fewer layers than the run evaluated
+    served = {} if cut_layers is not None else served_metrics(final, cut_dim)
+    model_index = _model_index(name, served)
     if model_index:
         metadata["model-index"] = model_index
 
@@ -190,16 +224,25 @@ def write_model_card(
         for key in sorted(k for k in final if k != "step"):
             before = f"{first[key]:.4f}" if first is not final and key in first and first.get("step") == 0 else ""
             lines.append(f"| {key} | {before} | {final[key]:.4f} |")
-        lines += ["", f"After step {final.get('step')}; retrieval uses exact search.", ""]
+        lines += ["", f"After step {final.get('step')}; retrieval uses exact search."]
+        if cut_layers is not None:
+            lines.append(
+                f"This model is cut to its first {cut_layers} layers, which the run did not evaluate: these are "
+                "the full model's scores. `embtrain eval` on this folder gives its own."
+            )
+        elif cut_dim is not None:
+            lines.append(
+                f"This model is cut to {cut_dim} dimensions: its scores are the `{dim_suffix(cut_dim)}` rows."
+                if served else f"This model is cut to {cut_dim} dimensions, at which the run did not evaluate: "
+                "these are other sizes' scores. `embtrain eval` on this folder gives its own."
+            )
+        lines.append("")
     if has_plot:
         lines += ["## Training curves", "", f"![training loss and evaluation]({PLOT_FILE})", ""]
     if recipe:
         data = recipe.get("data", {})
         sources = ", ".join(f"{s.get('kind')} `{s.get('path')}`" for s in data.get("train", []))
-        losses = ", ".join(
-            f"{term.get('kind')} (weight {term.get('weight')}, temperature {term.get('temperature')})"
-            for term in recipe.get("loss", [])
-        )
+        losses = " + ".join(describe_term(term) for term in recipe.get("loss", []))
         training = recipe.get("training", {})
         lines += [
             "## Training",

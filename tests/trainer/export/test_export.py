@@ -226,3 +226,43 @@ def test_model_card_leaves_out_what_a_damaged_run_folder_cannot_give(tmp_path, c
     assert record.recipe is None and record.losses == [(1, 2.5)] and record.evaluations == [{"step": 2, "tiny/ndcg@10": 0.5}]
     err = capsys.readouterr().err
     assert "recipe.yaml: not read" in err and "metrics.jsonl: 1 unreadable line(s)" in err
+
+
+def test_model_card_scores_the_exported_cut_and_describes_nested_losses(tmp_path):
+    from trainer.export.model_card import write_model_card
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(
+        "model: {name_or_path: org/base}\n"
+        "loss:\n"
+        "  - kind: matryoshka\n"
+        "    dims: [32, 8]\n"
+        "    terms:\n"
+        "      - {kind: infonce, temperature: 0.05, directions: [query_to_doc, doc_to_query], guide: {name_or_path: org/guide}}\n"
+        "  - {kind: gor, weight: 0.1}\n"
+    )
+    (run / "metrics.jsonl").write_text(
+        '{"step": 0, "tiny/ndcg@10": 0.4, "tiny/ndcg@10@dim8": 0.2}\n'
+        '{"step": 5, "tiny/ndcg@10": 0.6, "tiny/ndcg@10@dim8": 0.5, "sts/spearman": 0.7, "sts/spearman@dim8": 0.65}\n'
+    )
+
+    def card(**cut) -> tuple[dict, str]:
+        folder = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        text = write_model_card(folder, name="me/m", run_dir=run, dimension=8, similarity="cosine", prompts={}, **cut).read_text()
+        return yaml.safe_load(text.split("---")[1]), text
+
+    def headline(metadata: dict) -> dict[str, float]:
+        return {m["type"]: m["value"] for r in metadata.get("model-index", [{}])[0].get("results", []) for m in r["metrics"]}
+
+    metadata, text = card(cut_dim=8)
+    assert headline(metadata) == {"ndcg_at_10": 0.5, "spearman": 0.65}  # the 8-dim model's, not the full one's
+    assert "its scores are the `@dim8` rows" in text
+    assert "matryoshka (dims [32, 8]) of [infonce (temperature 0.05, directions ['query_to_doc', 'doc_to_query'], guide org/guide)]" in text
+    assert "+ 0.1 x gor" in text
+    assert headline(card()[0]) == {"ndcg_at_10": 0.6, "spearman": 0.7}
+    metadata, text = card(cut_dim=16)  # not evaluated at that size: no headline score at all
+    assert "model-index" not in metadata and "at which the run did not evaluate" in text
+    metadata, text = card(cut_layers=2)
+    assert "model-index" not in metadata and "cut to its first 2 layers" in text
