@@ -17,7 +17,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from trainer.checkpoint import (
@@ -42,6 +41,7 @@ from trainer.model.cross_encoder import CrossEncoderScorer
 from trainer.model.embedding_cache import CachedEncoder, EmbeddingCache
 from trainer.model.frozen import cache_identity, cache_name, frozen_key, load_frozen
 from trainer.preemption import PreemptionWatch
+from trainer.progress import progress_bar
 from trainer.run_dir import (
     METRICS_FILE,
     check_run_dir,
@@ -296,12 +296,14 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
         f"{len(examples)} training examples, {data.steps_per_epoch} steps per epoch, {data.total_steps} steps, "
         f"batch {recipe.data.batch_size} x {accelerator.num_processes} process(es), run folder {run_dir}"
     )
-    progress = tqdm(
-        total=data.total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process
-    )
+    accelerator.print(describe_step(recipe, loss_fn, accelerator.num_processes))
     saved_at = state.step if folder.resume else None
     if recipe.evaluation.at_start and state.step == 0 and recipe.evaluation.sets:
         metrics_log.write(0, evals.run(accelerator, model.encoder, cached=True))
+    # after the start evaluation, so that its time is not taken for training steps
+    progress = progress_bar(
+        total=data.total_steps, initial=state.step, desc="train", hide=not accelerator.is_local_main_process
+    )
     if preemption.should_stop(accelerator):
         raise stop(saved_at)
 
@@ -380,6 +382,28 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
         raise Preempted(preemption.name, state.step, str(final))
     report_end(accelerator, recipe, state, final)
     return metrics
+
+
+def describe_step(recipe: Recipe, loss_fn: WeightedLoss, num_processes: int) -> str:
+    """One line saying how each step runs: the loss terms, the cached loss, cross-device
+    negatives, frozen models and the precision, so that a run shows what it does."""
+    training = recipe.training
+    def kinds(term) -> str:
+        inner = getattr(term, "terms", None)
+        return term.kind + (f"[{', '.join(kinds(t) for t in inner)}]" if inner else "")
+
+    parts = ["loss " + " + ".join(kinds(term) for term in recipe.loss)]
+    if training.grad_cache_chunk_size is not None:
+        parts.append(f"cached loss in chunks of {training.grad_cache_chunk_size}")
+    if training.gradient_accumulation_steps > 1:
+        parts.append(f"gradient accumulation x{training.gradient_accumulation_steps} (negatives per micro-batch)")
+    if num_processes > 1:
+        parts.append("cross-device negatives" if training.cross_device_negatives else "negatives from each process only")
+    frozen = [config.name_or_path for config in loss_fn.frozen_encoders().values()]
+    if frozen:
+        parts.append("frozen: " + ", ".join(frozen))
+    parts.append(f"precision {training.mixed_precision}")
+    return "step: " + "; ".join(parts)
 
 
 def report_end(accelerator: Accelerator, recipe: Recipe, state: TrainState, final: Path) -> None:

@@ -23,7 +23,7 @@ def write(tmp_path: Path, model: Path, pairs: Path, extra: str) -> Path:
     return path
 
 
-def test_a_guide_model_runs_frozen_inside_the_step(tmp_path, tiny_model, pairs_file, monkeypatch):
+def test_a_guide_model_runs_frozen_inside_the_step(tmp_path, tiny_model, pairs_file, monkeypatch, capsys):
     from trainer import step
 
     seen = []
@@ -45,6 +45,7 @@ def test_a_guide_model_runs_frozen_inside_the_step(tmp_path, tiny_model, pairs_f
     assert not requires_grad and shape == (8, 32)
     step_dir = tmp_path / "runs" / "r" / "step_3" / "accelerate"
     assert not list(step_dir.glob("model_1*")), "the guide is not trained, so nothing of it is checkpointed"
+    assert f"step: loss infonce; frozen: {tiny_model}; precision no" in capsys.readouterr().out
 
 
 def test_teacher_scores_and_in_batch_switch_reach_the_loss_input(tmp_path, tiny_model, monkeypatch):
@@ -111,7 +112,7 @@ evaluation:
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_2d_matryoshka_gets_earlier_layers_with_gradient(tmp_path, tiny_model, pairs_file, monkeypatch, cached):
+def test_2d_matryoshka_gets_earlier_layers_with_gradient(tmp_path, tiny_model, pairs_file, monkeypatch, cached, capsys):
     from trainer import step
 
     seen = []
@@ -132,5 +133,7 @@ def test_2d_matryoshka_gets_earlier_layers_with_gradient(tmp_path, tiny_model, p
     train(before)
     assert len(seen) == 3
     assert all(s == {0: ((8, 32), not cached), 1: ((8, 32), not cached)} for s in seen)
+    chunks = "; cached loss in chunks of 3" if cached else ""
+    assert f"step: loss adaptive_layers[matryoshka[infonce]]{chunks}; precision no" in capsys.readouterr().out
     lines = [json.loads(line) for line in (tmp_path / "runs" / "r" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(line["loss"]) for line in lines if "loss" in line)

@@ -20,6 +20,7 @@ from trainer.data.beir import JSON_KINDS, jsonl_rows, read_beir, text_lines
 from trainer.data.errors import DataError
 from trainer.data.examples import Example
 from trainer.data.training_set import TextKeys, TrainingSet, text_key
+from trainer.progress import progress_bar
 from trainer.schema import kind_of
 
 READERS: dict[str, Callable[..., SourceTable]] = {}
@@ -268,9 +269,7 @@ def _scan(table, name: str, columns: dict[str, str], num_negatives: int | None, 
     negative_lists: list[list[int]] = []
     counts: set[int] = set()
     has_negatives = "negatives" in columns
-    from tqdm.auto import tqdm
-
-    progress = tqdm(total=size, desc=f"checking {name}", unit=" rows", disable=size < 200_000, leave=False)
+    progress = progress_bar(total=size, desc=f"checking {name}", unit=" rows", hide=size < 200_000, leave=False)
     for start in range(0, size, _CHUNK):
         chunk = table[start : start + _CHUNK]
         progress.update(len(chunk["query"]))

@@ -18,7 +18,7 @@ from pathlib import Path
 from trainer.config import EvalSetConfig, ModelConfig
 from trainer.model.encoder import resolve_model_path
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def _files_digest(files: list[Path]) -> str:
@@ -45,7 +45,8 @@ def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | Non
     if weights is None:
         return None
     # only what changes the numbers: the files' content stands for their path, names are prefixes
-    settings = {k: getattr(model, k) for k in ("pooling", "normalize", "max_seq_length", "query_prompt", "document_prompt", "embedding_dim")}
+    # every model setting but those that cannot change an embedding, so a new setting is keyed by default
+    settings = {k: v for k, v in asdict(model).items() if k not in ("name_or_path", "gradient_checkpointing", "trust_remote_code")}
     eval_settings = {k: v for k, v in asdict(eval_set).items() if k not in ("name", "path")}
     data = _files_digest(eval_set.files())
     blob = json.dumps([CACHE_VERSION, weights, settings, eval_settings, data] + ([sorted(dims)] if dims else []), sort_keys=True)

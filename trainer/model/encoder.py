@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from tqdm.auto import tqdm
 
 from trainer.config import ModelConfig, RecipeError
 from trainer.data.collate import tokenize
 from trainer.errors import RunError
 from trainer.model.pooling import POOLING
+from trainer.progress import progress_bar
 from trainer.schema import Builder
 
 ENCODER_FILE = "embtrain_encoder.json"
@@ -467,7 +467,7 @@ class Encoder(torch.nn.Module):
         self.eval()
         out = torch.empty(len(texts), self.dim)
         starts = range(0, len(texts), batch_size)
-        for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
+        for start in progress_bar(starts, desc=progress, hide=progress is None, leave=False):
             index = order[start : start + batch_size]
             features = self.tokenize([prompt + texts[i] for i in index])
             features = {k: v.to(device) for k, v in features.items()}

@@ -98,3 +98,24 @@ def test_an_entry_that_is_not_metrics_is_a_miss(tmp_path, capsys):
     assert cache.get("k") is None
     assert "does not hold metrics" in capsys.readouterr().err
     assert cache.get("missing") is None and cache.get(None) is None
+
+
+def test_the_key_changes_with_every_setting_that_changes_embeddings(words_model, tiny_beir, tmp_path):
+    """A student cut from the same weights (layers, num_layers) or any other embedding setting
+    never reads the full model's cached scores; settings that leave embeddings alone share them."""
+    from dataclasses import replace
+
+    from trainer.config import ModelConfig
+    from trainer.evaluation.cache import cache_key
+
+    eval_set = make_recipe(tmp_path, words_model, tiny_beir, write_sts(tmp_path)).evaluation.sets[0]
+    base = ModelConfig(name_or_path=str(words_model))
+    key = cache_key(base, eval_set)
+    assert key is not None
+    changed = [
+        {"layers": [0]}, {"num_layers": 1}, {"embedding_dim": 8}, {"pooling": "cls"}, {"normalize": False},
+        {"max_seq_length": 8}, {"query_prompt": "q: "}, {"document_prompt": "d: "},
+    ]
+    keys = {cache_key(replace(base, **change), eval_set) for change in changed}
+    assert key not in keys and len(keys) == len(changed)
+    assert cache_key(replace(base, gradient_checkpointing=True), eval_set) == key
