@@ -411,9 +411,13 @@ class EvaluationConfig:
             raise FieldError("dims", f"lists a size twice: {self.dims}")
 
 
+DIM_SUFFIX = "@dim"
+"""Metrics computed on cut embeddings end with this and the size (`scifact/ndcg@10@dim64`)."""
+
+
 def dim_suffix(dim: int) -> str:
     """The suffix of a metric computed on embeddings cut to `dim` dimensions."""
-    return f"@dim{dim}"
+    return f"{DIM_SUFFIX}{dim}"
 
 
 # ----------------------------------------------------------------------------- checkpoints, logs

@@ -388,6 +388,7 @@ def describe_step(recipe: Recipe, loss_fn: WeightedLoss, num_processes: int) -> 
     """One line saying how each step runs: the loss terms, the cached loss, cross-device
     negatives, frozen models and the precision, so that a run shows what it does."""
     training = recipe.training
+
     def kinds(term) -> str:
         inner = getattr(term, "terms", None)
         return term.kind + (f"[{', '.join(kinds(t) for t in inner)}]" if inner else "")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config import dim_suffix
+from trainer.config import DIM_SUFFIX, dim_suffix
 
 PLOT_FILE = "training_curves.png"
 
@@ -124,7 +124,7 @@ def _model_index(name: str, evaluation: dict) -> list[dict]:
 def served_metrics(evaluation: dict, cut_dim: int | None) -> dict:
     """The metrics of the model as exported: at `cut_dim` (their `@dim<N>` names, the suffix
     dropped) when the export is cut to that size, else the full-size ones; never other sizes."""
-    full = {k: v for k, v in evaluation.items() if k != "step" and "@dim" not in k}
+    full = {k: v for k, v in evaluation.items() if k != "step" and DIM_SUFFIX not in k}
     if cut_dim is None:
         return full
     suffix = dim_suffix(cut_dim)
