@@ -11,6 +11,7 @@ moved into place, the saved folder is loaded back and must embed like the cut mo
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
@@ -34,6 +35,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from trainer.export.model_card import STUDENT_FILE
     from trainer.export.sentence_transformers_folder import (
         PARITY_TEXTS,
         PARITY_TOLERANCE,
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     write_folder(student, tmp, "fp32", None)
+    (tmp / STUDENT_FILE).write_text(json.dumps({"from": args.model, "layers": layers, "of_layers": total}, indent=2))
     got = exported_embeddings(tmp, PARITY_TEXTS, config.query_prompt, args.trust_remote_code)
     diff = (got - expected).abs().max().item()
     if diff > PARITY_TOLERANCE["fp32"]:

@@ -76,6 +76,15 @@ def model_dir(path: str | Path) -> Path:
     return path / "model" if (path / STATE_FILE).exists() else path
 
 
+def saved_step(folder: str | Path) -> int | None:
+    """The step a `step_N/` or `best/` folder was saved at (its completion marker), else None."""
+    try:
+        step = json.loads((Path(folder) / COMPLETE_FILE).read_text(encoding="utf-8")).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
 def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE_FILE).is_file() and (folder / STATE_FILE).is_file()
 

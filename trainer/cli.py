@@ -172,6 +172,7 @@ def check_device(name: str):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.checkpoint import saved_step
     from trainer.export.model_card import write_model_card
     from trainer.export.sentence_transformers_folder import export
 
@@ -207,6 +208,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         license=args.license,
         base_model=args.base_model,
         datasets=args.datasets,
+        step=saved_step(checkpoint),
     )
     if args.no_check:
         print(f"exported {result.folder} (parity not checked)")

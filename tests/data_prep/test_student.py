@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,6 +21,8 @@ def test_student_keeps_exactly_the_chosen_layers(tiny_model, tmp_path, capsys):
         assert torch.equal(cut[key], teacher[key.replace(".layer.0.", ".layer.1.")]), key
     assert torch.equal(cut["embeddings.word_embeddings.weight"], teacher["embeddings.word_embeddings.weight"])
     assert SentenceTransformer(str(out), device="cpu").encode(["alpha beta"]).shape == (1, 32)
+    made = json.loads((out / "student.json").read_text())  # what the model card names as the base
+    assert made == {"from": str(tiny_model), "layers": [1], "of_layers": 2}
 
 
 def test_student_errors(tiny_model, tmp_path, capsys):

@@ -15,6 +15,8 @@ import yaml
 from trainer.config import DIM_SUFFIX, dim_suffix
 
 PLOT_FILE = "training_curves.png"
+STUDENT_FILE = "student.json"
+"""Written by `prep student` into the folder it makes: the model and the layers it kept."""
 
 
 @dataclass
@@ -107,6 +109,28 @@ def _hub_id(name: str) -> str | None:
     return name
 
 
+def _base_description(model: dict) -> tuple[str | None, str]:
+    """The Hub id for `base_model` (when there is one) and the words the card uses for the model
+    the run started from: a student cut from a teacher (by `model.layers` or by `prep student`)
+    is named after the teacher and its kept layers, not after a local folder."""
+    name = str(model.get("name_or_path") or "")
+    if not name:
+        return None, "an unknown base model"
+    layers = model.get("layers") or (list(range(model["num_layers"])) if model.get("num_layers") else None)
+    source = name
+    student_file = Path(name) / STUDENT_FILE
+    if not layers and student_file.is_file():
+        try:
+            made = json.loads(student_file.read_text(encoding="utf-8"))
+            source, layers = str(made["from"]), list(made["layers"])
+        except (OSError, ValueError, KeyError, TypeError):
+            _warn(f"{student_file}: not read; the card names the folder as the base model")
+    if layers:
+        kept = ", ".join(str(layer) for layer in layers)
+        return _hub_id(source), f"a student of `{source}` ({len(layers)} of its layers: {kept})"
+    return _hub_id(source), f"`{source}`"
+
+
 def _model_index(name: str, evaluation: dict) -> list[dict]:
     by_set: dict[str, list[dict]] = {}
     for key, value in evaluation.items():
@@ -162,19 +186,26 @@ def write_model_card(
     license: str | None = None,
     base_model: str | None = None,
     datasets: list[str] | None = None,
+    step: int | None = None,
 ) -> Path:
+    """`step`: the step of the exported checkpoint; the card shows that step's evaluation (the
+    last one up to it when the checkpoint was not evaluated) and says how many steps it trained."""
     record = read_run(run_dir)
     recipe = record.recipe or {}
     has_plot = plot_curves(record, folder / PLOT_FILE)
-    final = record.evaluations[-1] if record.evaluations else {}
+    upto = [row for row in record.evaluations if step is None or row["step"] <= step]
+    final = upto[-1] if upto else {}
     first = record.evaluations[0] if record.evaluations else {}
+    if step is None:
+        step = max([s for s, _ in record.losses] + [row["step"] for row in record.evaluations], default=None)
 
     metadata: dict = {
         "library_name": "sentence-transformers",
         "pipeline_tag": "sentence-similarity",
         "tags": ["sentence-transformers", "feature-extraction", "sentence-similarity", "embtrain"],
     }
-    base = base_model or (_hub_id(recipe.get("model", {}).get("name_or_path", "")) if recipe else None)
+    hub_base, base_text = _base_description(recipe.get("model", {}))
+    base = base_model or hub_base
     if base:
         metadata["base_model"] = base
     if datasets:
@@ -191,10 +222,11 @@ def write_model_card(
         metadata["model-index"] = model_index
 
     lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", "", f"# {name}", ""]
-    base_text = base or (recipe.get("model", {}).get("name_or_path") if recipe else None) or "an unknown base model"
+    if base_model:
+        base_text = f"`{base_model}`"
     lines += [
         f"A text-embedding model ({dimension} dimensions, {similarity} similarity) fine-tuned from "
-        f"`{base_text}` with embtrain.",
+        f"{base_text} with embtrain.",
         "",
         "## Usage",
         "",
@@ -224,7 +256,7 @@ def write_model_card(
         for key in sorted(k for k in final if k != "step"):
             before = f"{first[key]:.4f}" if first is not final and key in first and first.get("step") == 0 else ""
             lines.append(f"| {key} | {before} | {final[key]:.4f} |")
-        lines += ["", f"After step {final.get('step')}; retrieval uses exact search."]
+        lines += ["", f"At step {final.get('step')}; retrieval uses exact search."]
         if cut_layers is not None:
             lines.append(
                 f"This model is cut to its first {cut_layers} layers, which the run did not evaluate: these are "
@@ -242,18 +274,20 @@ def write_model_card(
     if recipe:
         data = recipe.get("data", {})
         sources = ", ".join(f"{s.get('kind')} `{s.get('path')}`" for s in data.get("train", []))
+        if any(s.get("kind") != "texts" for s in data.get("train", [])):
+            negatives = data.get("num_negatives")
+            sources += "; hard negatives per query: " + (str(negatives) if negatives is not None else "as in the data")
         losses = " + ".join(describe_term(term) for term in recipe.get("loss", []))
         training = recipe.get("training", {})
         lines += [
             "## Training",
             "",
-            f"- Data: {sources}; batch size {data.get('batch_size')}, hard negatives per query: "
-            f"{data.get('num_negatives') if data.get('num_negatives') is not None else 'as in the data'}",
+            f"- Data: {sources}; batch size {data.get('batch_size')}",
             f"- Loss: {losses}",
             f"- Optimiser: {recipe.get('optimizer', {}).get('kind')} lr {recipe.get('optimizer', {}).get('lr')}, "
             f"schedule {recipe.get('schedule', {}).get('kind')}; "
             + (f"{training.get('max_steps')} steps" if training.get("max_steps") else f"{training.get('epochs')} epochs"),
-            f"- Steps trained: {record.losses[-1][0] if record.losses else 'unknown'}",
+            f"- Steps trained: {step if step is not None else 'unknown'}",
             "",
             "<details><summary>Recipe as run</summary>",
             "",

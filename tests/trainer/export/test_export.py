@@ -266,3 +266,35 @@ def test_model_card_scores_the_exported_cut_and_describes_nested_losses(tmp_path
     assert "model-index" not in metadata and "at which the run did not evaluate" in text
     metadata, text = card(cut_layers=2)
     assert "model-index" not in metadata and "cut to its first 2 layers" in text
+
+
+def test_model_card_shows_the_exported_checkpoints_own_step_and_scores(tmp_path):
+    from trainer.export.model_card import STUDENT_FILE, write_model_card
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        '{"step": 0, "tiny/ndcg@10": 0.4}\n{"step": 5, "loss": 1.5}\n{"step": 10, "tiny/ndcg@10": 0.6}\n'
+        '{"step": 15, "loss": 0.9}\n{"step": 20, "tiny/ndcg@10": 0.5}\n'
+    )
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / STUDENT_FILE).write_text(json.dumps({"from": "org/teacher", "layers": [0, 2, 5], "of_layers": 6}))
+
+    def card(recipe: str, **options) -> tuple[dict, str]:
+        (run / "recipe.yaml").write_text(recipe)
+        folder = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        text = write_model_card(folder, name="me/m", run_dir=run, dimension=8, similarity="cosine", prompts={}, **options).read_text()
+        return yaml.safe_load(text.split("---")[1]), text
+
+    texts_only = "model: {name_or_path: org/base, layers: [0, 3]}\ndata: {train: [{kind: texts, path: t.txt}], batch_size: 4}\n"
+    metadata, text = card(texts_only, step=10)  # best/ saved at step 10, after which the run went on
+    assert metadata["model-index"][0]["results"][0]["metrics"] == [{"type": "ndcg_at_10", "value": 0.6}]
+    assert "Steps trained: 10" in text and "At step 10;" in text
+    assert "a student of `org/base` (2 of its layers: 0, 3)" in text and metadata["base_model"] == "org/base"
+    assert "hard negatives" not in text  # texts have no negatives
+    metadata, text = card(f"model: {{name_or_path: {student}}}\ndata: {{train: [{{kind: pairs, path: p.jsonl}}], batch_size: 4}}\n")
+    assert "Steps trained: 20" in text  # no checkpoint step given: the last step the run logged
+    assert "a student of `org/teacher` (3 of its layers: 0, 2, 5)" in text and metadata["base_model"] == "org/teacher"
+    assert str(student) not in text.split("## Training")[0] and "hard negatives per query: as in the data" in text
