@@ -19,7 +19,7 @@ from trainer.config import (
     recipe_to_yaml,
 )
 from trainer.data.errors import DataError
-from trainer.data.readers import first_problem, path_exists, peek_columns, utf8_problem
+from trainer.data.readers import first_problem, path_exists, peek_columns, resolve_format, utf8_problem
 from trainer.errors import PREEMPTED_EXIT_CODE, Preempted, RunError
 
 TRUST_HELP = "let a model whose config names its own Python code run it (only for models you trust)"
@@ -33,6 +33,13 @@ def check_paths(recipe) -> list[str]:
         if not path_exists(source.path):
             missing.append(f"data.train.{i}.path: {source.path} not found")
             continue
+        fmt = getattr(source, "format", "auto")
+        if source.kind in ("pairs", "texts") and fmt != "stsb":
+            try:
+                fmt = resolve_format(source.path, fmt, texts=source.kind == "texts")
+            except DataError as exc:
+                missing.append(f"data.train.{i}.format: {exc}")
+                continue
         if isinstance(source, PairsSource):
             keys = ("query_column", "positive_column", "negatives_column", "teacher_scores_column")
             mapped = [(key, getattr(source, key)) for key in keys]
@@ -40,7 +47,7 @@ def check_paths(recipe) -> list[str]:
             mapped = [("text_columns", c) for c in source.text_columns] + [("title_column", source.title_column)]
         else:
             continue
-        columns = peek_columns(source.path, source.format)
+        columns = peek_columns(source.path, fmt)
         for key, wanted in mapped:
             if columns is not None and wanted is not None and wanted not in columns:
                 missing.append(f"data.train.{i}.{key}: {source.path} has no column '{wanted}' (columns: {columns})")

@@ -143,15 +143,16 @@ class BeirSource(SourceOptions):
 class TextsSource(SourceOptions):
     """Single texts, no pairs: the data of embedding distillation (`embed_distill`, `jasper`),
     which needs only the teacher's embedding of each text. Rows of jsonl, csv, tsv or parquet (a
-    BEIR corpus.jsonl or queries.jsonl too), or both sentences of an STS Benchmark file. Each
-    distinct text is used once per epoch, embedded with the query prompt."""
+    BEIR corpus.jsonl or queries.jsonl too), a plain file of one text per line (`.txt`), or both
+    sentences of an STS Benchmark file. Each distinct text is used once per epoch, embedded with the query prompt."""
 
     kind: Literal["texts"]
     path: str
     """File (or glob) to read, relative to the working directory."""
-    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "stsb"] = "auto"
-    """File format; `auto` picks it from the extension; `stsb`: the STS Benchmark's tab-separated
-    files (both sentences of every row)."""
+    format: Literal["auto", "jsonl", "csv", "tsv", "parquet", "txt", "stsb"] = "auto"
+    """File format; `auto` picks it from the extension; `txt`: one text per line, blank lines
+    skipped (its one column is `text`); `stsb`: the STS Benchmark's tab-separated files (both
+    sentences of every row)."""
     text_columns: list[str] = field(default_factory=lambda: ["text"])
     """Columns holding texts; every column of every row is one text."""
     title_column: str | None = None

@@ -66,6 +66,31 @@ def test_texts_source_reads_each_distinct_text_once(texts_file, tmp_path):
     ]
 
 
+def test_texts_source_reads_a_plain_file_one_text_per_line(tmp_path, capsys):
+    from trainer.cli import main
+
+    path = tmp_path / "sentences.txt"
+    path.write_text("\ufeffA girl styles her hair.\n\n  \nA man sings.\nA girl styles her hair.\nLast line, no end")
+    assert texts(TextsSource(kind="texts", path=str(path))) == ["A girl styles her hair.", "A man sings.", "Last line, no end"]
+    assert texts(TextsSource(kind="texts", path=str(path), format="txt", max_examples=1)) == ["A girl styles her hair."]
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    with pytest.raises(DataError, match="blank.txt: no texts"):
+        read_training_data([TextsSource(kind="texts", path=str(tmp_path / "blank.txt"))], None)
+    (tmp_path / "latin1.txt").write_bytes(b"fine\ncaf\xe9\n")
+    with pytest.raises(DataError, match="latin1.txt, line 2"):
+        read_training_data([TextsSource(kind="texts", path=str(tmp_path / "latin1.txt"))], None)
+
+    # validate refuses what train would refuse: a .txt of pairs, columns a .txt does not have
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"run_name: r\nmodel: {{name_or_path: m}}\ndata: {{train: [{{kind: pairs, path: {path}}}, "
+                      f"{{kind: texts, path: {path}, text_columns: [body]}}, {{kind: texts, path: {path}}}]}}\n")
+    assert main(["validate", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert "data.train.0.format:" in err and "set format: jsonl|csv|tsv|parquet" in err
+    assert "data.train.1.text_columns: " in err and "no column 'body' (columns: ['text'])" in err
+    assert "data.train.2" not in err
+
+
 def test_texts_source_errors_name_the_row_and_column(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"a": "x", "b": "y"}\n{"a": "z", "b": ""}\n')

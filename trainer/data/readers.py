@@ -39,6 +39,8 @@ def reads(cls: type) -> Callable:
 
 _CHUNK = 4096
 FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+TEXT_LINES_SUFFIX = ".txt"
+"""A texts source's plain file: one text per line (format `txt`; blank lines are skipped)."""
 
 
 def path_exists(pattern: str) -> bool:
@@ -56,6 +58,8 @@ def peek_columns(path: str, fmt: str) -> list[str] | None:
     fmt = FORMAT_OF_SUFFIX.get(Path(path).suffix.lower()) if fmt == "auto" else fmt
     if not files or fmt is None:
         return None
+    if fmt == "txt":
+        return ["text"]
     try:
         if fmt == "parquet":
             import pyarrow.parquet as pq
@@ -71,20 +75,20 @@ def peek_columns(path: str, fmt: str) -> list[str] | None:
         return None
 
 
-def load_table(path: str, fmt: str):
-    """A pairs file (or glob) as a memory-mapped table. A file that cannot be read is a
+def load_table(path: str, fmt: str, texts: bool = False):
+    """A pairs file (or glob), or with `texts` a texts file, as a memory-mapped table. A file that cannot be read is a
     `DataError` naming the file and, where there is one, the line: `datasets` reports byte
     offsets or nothing useful, so a failed or empty read is followed by a scan that finds it."""
     import datasets
 
     if Path(path).is_dir():
         raise DataError(f"{path}: a folder; a pairs source reads a file (or a glob such as {path}/*.jsonl)")
-    fmt = resolve_format(path, fmt)
+    fmt = resolve_format(path, fmt, texts)
     files = matching_files(path)
     if not files:
         raise DataError(f"{path}: file not found")
-    builder = {"jsonl": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet"}[fmt]
-    kwargs = {"delimiter": "\t"} if fmt == "tsv" else {}
+    builder = {"jsonl": "json", "csv": "csv", "tsv": "csv", "parquet": "parquet", "txt": "text"}[fmt]
+    kwargs = {"delimiter": "\t"} if fmt == "tsv" else {"encoding": "utf-8-sig"} if fmt == "txt" else {}
     datasets.disable_progress_bars()
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parser logs byte offsets; the error below says more
@@ -113,12 +117,16 @@ def utf8_problem(path: str | Path) -> str | None:
     return None
 
 
-def resolve_format(path: str, fmt: str) -> str:
+def resolve_format(path: str, fmt: str, texts: bool = False) -> str:
+    """The format of a source's file; `texts`: a texts source, which also reads `.txt` files."""
     if fmt != "auto":
         return fmt
     suffix = Path(path).suffix.lower()
+    if texts and suffix == TEXT_LINES_SUFFIX:
+        return "txt"
     if suffix not in FORMAT_OF_SUFFIX:
-        raise DataError(f"{path}: cannot tell the format from '{suffix}'; set format: jsonl|csv|tsv|parquet")
+        formats = "jsonl|csv|tsv|parquet" + ("|txt" if texts else "")
+        raise DataError(f"{path}: cannot tell the format from '{suffix}'; set format: {formats}")
     return FORMAT_OF_SUFFIX[suffix]
 
 
@@ -133,6 +141,12 @@ def first_problem(files: list[Path], fmt: str) -> str | None:
     """The first thing in `files` that keeps them from being read as `fmt`, with its file and line:
     not UTF-8, invalid JSON, a line that is not an object, a field whose JSON type changes, a csv
     syntax error, or no rows at all. None when nothing is found."""
+    if fmt == "txt":
+        for path in files:
+            problem = utf8_problem(path)
+            if problem:
+                return problem
+        return None
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
@@ -340,7 +354,7 @@ def read_texts(source: TextsSource, num_negatives: int | None, index: int = 0) -
         table = datasets.Dataset.from_dict({"query": [t for pair in zip(first, second) for t in pair]})
         columns = ["sentence1", "sentence2"]
     else:
-        table = load_table(source.path, source.format)
+        table = load_table(source.path, source.format, texts=True)
         columns = list(source.text_columns)
         wanted = columns + ([source.title_column] if source.title_column else [])
         missing = [c for c in wanted if c not in table.column_names]
@@ -356,7 +370,7 @@ def read_texts(source: TextsSource, num_negatives: int | None, index: int = 0) -
     try:
         return _scan_texts(table, source, columns, index)
     except UnicodeDecodeError:
-        problem = first_problem(matching_files(source.path), resolve_format(source.path, source.format))
+        problem = first_problem(matching_files(source.path), resolve_format(source.path, source.format, texts=True))
         raise DataError(problem or f"{source.path}: not UTF-8 text") from None
 
 
@@ -373,14 +387,24 @@ def _texts_of_rows(rows: dict[str, list], columns: list[str], title: str | None)
 
 
 def _scan_texts(table, source: TextsSource, columns: list[str], index: int) -> SourceTable:
-    """Check every text (the error names its row and column), drop repeated texts, take max_examples."""
+    """Check every text (the error names its row and column), drop repeated texts (and the blank
+    lines of a txt file), take max_examples."""
+    lines = source.format != "stsb" and resolve_format(source.path, source.format, texts=True) == "txt"
     keys = np.empty(len(table), dtype=np.int64)
+    blank = np.zeros(len(table), dtype=bool)
     for start in range(0, len(table), _CHUNK):
         for j, text in enumerate(table[start : start + _CHUNK]["query"]):
             position = start + j
+            if lines and not text.strip():
+                blank[position] = True
+                continue
             row, column = position // len(columns) + 1, columns[position % len(columns)]
             keys[position] = text_key(_check_text(source.path, row, column, text))
-    _, first = np.unique(keys, return_index=True)
+    kept = np.flatnonzero(~blank)
+    _, first = np.unique(keys[kept], return_index=True)
+    first = kept[first]
+    if first.size == 0:
+        raise DataError(f"{source.path}: no texts (every line is blank)")
     first.sort()
     if source.max_examples is not None:
         first = first[: source.max_examples]
