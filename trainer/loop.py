@@ -343,7 +343,13 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
                 logged = meter.flush(scheduler.get_last_lr()[0], model.loss_fn, state.nonfinite_steps)
                 metrics_log.write(state.step, logged)
                 shown = float("nan") if logged["loss"] is None else logged["loss"]
-                progress.set_postfix(loss=f"{shown:.4f}", lr=f"{logged['lr']:.2e}", pairs_s=f"{logged['pairs_per_s']:.1f}")
+                if progress.disable:  # no bar (TQDM_DISABLE, another process): a line per interval instead
+                    accelerator.print(
+                        f"step {state.step}/{data.total_steps}: loss {shown:.4f}, lr {logged['lr']:.2e}, "
+                        f"{logged['pairs_per_s']:.1f} pairs/s"
+                    )
+                else:
+                    progress.set_postfix(loss=f"{shown:.4f}", lr=f"{logged['lr']:.2e}", pairs_s=f"{logged['pairs_per_s']:.1f}")
             done = state.step >= data.total_steps
             every = recipe.evaluation.every_steps
             if every and state.step % every == 0 and not done and recipe.evaluation.sets:

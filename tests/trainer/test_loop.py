@@ -184,3 +184,20 @@ def test_accumulation_windows_never_span_two_epochs(tmp_path, tiny_model, pairs_
     assert "2 steps per epoch" in capsys.readouterr().out
     state = json.loads((tmp_path / "runs" / "tiny" / "step_3" / "trainer_state.json").read_text())
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 3)  # step 3 is the first window of epoch 1
+
+
+def test_without_a_progress_bar_each_logging_interval_prints_a_line(tmp_path, tiny_model, pairs_file, tiny_beir, capsys, monkeypatch):
+    # as with TQDM_DISABLE=1 in a batch job (tqdm reads it when imported, so it is patched here)
+    import trainer.loop
+    from trainer.progress import progress_bar
+
+    monkeypatch.setattr(trainer.loop, "progress_bar", lambda *a, **k: progress_bar(*a, **{**k, "hide": True}))
+    path = recipe_file(tmp_path, tiny_model, pairs_file, tiny_beir)
+    train(load_recipe(path, ["training.max_steps=4", "logging.log_every_steps=2", "evaluation.sets=[]",
+                             "evaluation.metric_for_best=null"]))
+    out = capsys.readouterr().out
+    logged = losses(tmp_path / "runs" / "tiny")
+    assert len(logged) == 2
+    for step, loss in zip((2, 4), logged):
+        assert f"step {step}/4: loss {loss:.4f}, lr " in out
+    assert "step 1/4" not in out and "step 3/4" not in out
