@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         "evaluation": {"beir": args.eval_beir, "split": args.split, "sts": args.eval_sts},
         "rows_in": len(rows),
         "removed_rows": sorted(i + 1 for i in leaks),
+        "row_numbering": "1-based: the first row of --train is row 1",
     }
     write_jsonl(kept, out, manifest)
     print(f"removed {len(leaks)} of {len(rows)} rows whose query occurs in the evaluation data; wrote {out}")

@@ -80,8 +80,9 @@ class MiningSettings:
 @dataclass
 class MiningReport:
     rows: int = 0
-    dropped_short: int = 0
-    """Pairs with fewer allowed candidates than num_negatives (not written)."""
+    too_few_negatives: int = 0
+    """Pairs left out: fewer allowed candidates than num_negatives (not written; the reason
+    `too_few_negatives` in the rejected file and the manifest)."""
     dropped: list[dict] = field(default_factory=list)
     """Those pairs, with the number of candidates they had."""
     guarded: int = 0
@@ -162,7 +163,7 @@ def select_negatives(
             allowed = [c for c in candidates if _passes_guard(c[1], positive_score, settings)]
             report.guarded += len(candidates) - len(allowed)
             if len(allowed) < settings.num_negatives:
-                report.dropped_short += 1
+                report.too_few_negatives += 1
                 report.dropped.append({"reason": "too_few_negatives", "allowed_candidates": len(allowed),
                                        "query": query, "positive": task.corpus[positive]})
                 continue
@@ -272,9 +273,10 @@ def run(args: argparse.Namespace) -> int:
         "source": source,
         "model": args.model,
         "settings": {**asdict(settings), "max_seq_length": config.max_seq_length},
+        "pairs": sum(len(p) for p in task.positives),
         "queries": len(task.queries),
         "corpus": len(task.corpus),
-        "dropped_short": report.dropped_short,
+        "left_out": {"too_few_negatives": report.too_few_negatives},
         "guarded_candidates": report.guarded,
         "seconds": round(time.time() - started, 1),
     }
@@ -283,11 +285,15 @@ def run(args: argparse.Namespace) -> int:
         write_jsonl(report.dropped, rejected, None)
         manifest["rejected_file"] = str(rejected)
     manifest_path = write_jsonl(rows, out, manifest)
+    pairs = manifest["pairs"]
     print(f"wrote {len(rows)} rows to {out}; manifest {manifest_path}")
+    if pairs > len(task.queries):
+        print(f"{pairs} pairs of {len(task.queries)} distinct queries: a repeated query is searched once, "
+              "and none of its positives is a negative of it")
     print(f"{report.guarded} candidates removed by the false-negative guard")
     if report.dropped:
         print(
-            f"{report.dropped_short} pairs left out: in ranks {settings.rank_min}-{settings.rank_max}, fewer "
+            f"{report.too_few_negatives} pairs left out (too_few_negatives): in ranks {settings.rank_min}-{settings.rank_max}, fewer "
             f"candidates than --num-negatives {settings.num_negatives} passed the guard (listed in {rejected})"
         )
     return 0

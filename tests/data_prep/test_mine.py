@@ -67,13 +67,13 @@ def test_false_negative_guards_and_short_rows():
     settings = MiningSettings(num_negatives=3, rank_max=40, margin=0.05)
     rows, report = select_negatives(task, queries, documents, settings)
     assert all(s < r["positive_score"] - 0.05 for r in rows for s in r["negative_scores"])
-    assert report.guarded > 0 and report.rows + report.dropped_short == 80
+    assert report.guarded > 0 and report.rows + report.too_few_negatives == 80
     relative = MiningSettings(num_negatives=3, rank_max=40, relative_margin=0.1)
     rows, _ = select_negatives(task, queries, documents, relative)
     assert all(s < r["positive_score"] * 0.9 for r in rows for s in r["negative_scores"])
     impossible = MiningSettings(num_negatives=3, rank_max=40, margin=5.0)  # cosine gaps are at most 2
     rows, report = select_negatives(task, queries, documents, impossible)
-    assert rows == [] and report.dropped_short == len(report.dropped) == 80
+    assert rows == [] and report.too_few_negatives == len(report.dropped) == 80
     assert report.dropped[0]["reason"] == "too_few_negatives" and report.dropped[0]["query"] == "q0"
 
 
@@ -128,10 +128,13 @@ def test_cli_writes_rows_and_manifest_that_train_reads(tmp_path, tiny_model, tin
     assert "exists; pass --overwrite" in capsys.readouterr().err
     strict = tmp_path / "strict.jsonl"
     assert main([*args[:-7], "--out", str(strict), "--num-negatives", "2", "--ranks", "1", "10", "--margin", "1.5"]) == 0
-    assert "pairs left out: in ranks 1-10, fewer candidates than --num-negatives 2 passed" in capsys.readouterr().out
+    assert "pairs left out (too_few_negatives): in ranks 1-10, fewer candidates than --num-negatives 2 passed" in capsys.readouterr().out
     dropped = [json.loads(line) for line in (tmp_path / "strict.jsonl.rejected.jsonl").read_text().splitlines()]
     kept = [json.loads(line) for line in strict.read_text().splitlines()]
     assert dropped and len(dropped) + len(kept) == 28
+    strict_manifest = json.loads((tmp_path / "strict.jsonl.manifest.json").read_text())
+    assert strict_manifest["left_out"] == {"too_few_negatives": len(dropped)} and strict_manifest["pairs"] == 28
+    assert {row["reason"] for row in dropped} == {"too_few_negatives"}
     from trainer.data.readers import read_examples
 
     examples = read_examples(PairsSource(kind="pairs", path=str(out), negatives_column="negatives"))
