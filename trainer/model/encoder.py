@@ -485,4 +485,5 @@ class Encoder(torch.nn.Module):
         self.backbone.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         settings = {k: v for k, v in asdict(self.config).items() if k not in NOT_SAVED}
+        settings.update(layers=None, num_layers=None)  # the saved backbone holds only the kept layers
         (folder / ENCODER_FILE).write_text(json.dumps(settings, indent=2))
