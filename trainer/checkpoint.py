@@ -19,6 +19,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 
 from trainer.errors import RunError
@@ -252,8 +253,10 @@ def read_state(folder: Path) -> TrainState:
         raise RunError(f"{folder / STATE_FILE}: cannot read the training state: {exc}") from None
 
 
-def load_checkpoint(accelerator: Accelerator, folder: Path) -> TrainState:
-    """Model, optimiser and RNG states from `folder`; refuses pickles other than the RNG states."""
+def load_checkpoint(accelerator: Accelerator, folder: Path, trainable_only: torch.nn.Module | None = None) -> TrainState:
+    """Model, optimiser and RNG states from `folder`; refuses pickles other than the RNG states.
+    `trainable_only`: the (prepared) encoder whose saved state is its trainable parameters alone
+    (LoRA): the file must hold exactly those, and the frozen ones keep their base values."""
     state = read_state(folder)
     accelerate_dir = folder / "accelerate"
     unexpected = [p.name for p in accelerate_dir.glob("*.pkl") if not _SAFE_PICKLES.match(p.name)]
@@ -268,7 +271,15 @@ def load_checkpoint(accelerator: Accelerator, folder: Path) -> TrainState:
 
         for rng_file in accelerate_dir.glob("random_states_*.pkl"):
             weights_only_load(rng_file, weights_only=True)
-        accelerator.load_state(str(accelerate_dir), load_kwargs={"weights_only": True})
+        partial = {}
+        if trainable_only is not None:
+            from trainer.model.lora import check_trainable_checkpoint
+
+            check_trainable_checkpoint(accelerate_dir / "model.safetensors", trainable_only)
+            partial = {"strict": False}
+        accelerator.load_state(str(accelerate_dir), load_kwargs={"weights_only": True}, **partial)
+    except RunError:
+        raise
     except Exception as exc:  # torch and safetensors raise many kinds for a damaged file
         raise RunError(f"{accelerate_dir}: cannot load the checkpoint: {type(exc).__name__}: {exc}") from None
     return state

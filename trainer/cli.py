@@ -194,6 +194,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         onnx=args.onnx,
         trust_remote_code=args.trust_remote_code,
         projection=args.projection,
+        keep_adapter=args.keep_adapter,
     )
     checkpoint = Path(args.checkpoint)
     run_dir = checkpoint.parent if (checkpoint.parent / "recipe.yaml").exists() else None
@@ -291,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--projection", nargs="?", const="auto",
         help="end with a distillation term's learned projection into the teacher's space (a name, or the only one)",
+    )
+    export.add_argument(
+        "--keep-adapter", action="store_true",
+        help="a LoRA checkpoint: write the adapter (loads with peft onto its base) instead of the merged weights",
     )
     export.add_argument("--onnx", action="store_true", help="also write onnx/model.onnx (pip install 'embtrain[onnx]')")
     export.add_argument("--no-check", action="store_true", help="skip the parity checks")

@@ -25,6 +25,37 @@ __all__ = ["Recipe", "RecipeError", "load_recipe", "parse_overrides", "recipe_to
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (LoRA, through peft) on the backbone's linear layers: only the adapters
+    (and `trainable_modules`) train, checkpoints hold only them, and export merges them into the
+    base weights. Defaults suit BERT-like encoders and Qwen2/Llama/Mistral decoders alike."""
+
+    rank: int = 16
+    """Rank r of each adapter (the update is B @ A with A: r x in, B: out x r)."""
+    alpha: float = 32.0
+    """Scale of the update, applied as alpha / rank: 2 x rank is the usual choice."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    target_modules: list[str] | None = None
+    """Linear modules that get adapters, by name or name suffix: [query, key, value] for BERT,
+    [q_proj, k_proj, v_proj, o_proj] for Llama/Qwen2; null: every linear layer of the backbone
+    (attention and MLP, the strongest default for embedders on every architecture)."""
+    trainable_modules: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters, by name suffix (e.g. [LayerNorm], [norm],
+    [embeddings]); saved with the adapter, merged on export."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise FieldError("rank", f"must be >= 1, got {self.rank}")
+        if self.alpha <= 0:
+            raise FieldError("alpha", f"must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise FieldError("dropout", f"must be in [0, 1), got {self.dropout}")
+        if self.target_modules is not None and not self.target_modules:
+            raise FieldError("target_modules", "name at least one module, or null for every linear layer")
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str
     """Hugging Face Hub id, local model folder, a checkpoint folder written by embtrain,
@@ -55,6 +86,10 @@ class ModelConfig:
     layers: list[int] | None = None
     """Keep only these transformer layers (0-based, increasing), e.g. [0, 2, 4]: a distillation
     student cut from its teacher (`embtrain prep student` saves one); null: all of them."""
+    lora: LoraConfig | None = None
+    """Train low-rank adapters instead of every weight (`lora: {}` for the defaults); null: full
+    fine-tuning. With a model folder that holds an adapter (a LoRA run's checkpoint), that adapter
+    is merged first, and this one trains on top."""
 
     def __post_init__(self) -> None:
         if self.max_seq_length < 1:

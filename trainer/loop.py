@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -40,6 +40,7 @@ from trainer.model.encoder import Encoder
 from trainer.model.cross_encoder import CrossEncoderScorer
 from trainer.model.embedding_cache import CachedEncoder, EmbeddingCache
 from trainer.model.frozen import cache_identity, cache_name, frozen_key, load_frozen
+from trainer.model.lora import describe_parameters, is_lora, keep_trainable_in_checkpoints
 from trainer.preemption import PreemptionWatch
 from trainer.progress import progress_bar
 from trainer.run_dir import (
@@ -183,6 +184,8 @@ class Model:
     loss_parameters: list[torch.nn.Parameter]
     layers: tuple[int, ...] = ()
     """Earlier layers whose embeddings the loss reads (2D Matryoshka)."""
+    trainable_only_checkpoints: bool = False
+    """The resume state holds only the encoder's trainable parameters (LoRA, without DeepSpeed or FSDP)."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.parameters()) + self.loss_parameters
@@ -269,7 +272,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     model, optimizer, scheduler = prepare_model(accelerator, recipe, encoder, loss_fn, frozen, data.total_steps)
     metrics_log = MetricsLog(accelerator, run_dir / METRICS_FILE)
 
-    state = restore(accelerator, folder, data, scheduler) if folder.resume else TrainState(shape=asdict(data.shape))
+    state = restore(accelerator, folder, data, scheduler, model) if folder.resume else TrainState(shape=asdict(data.shape))
     if state is None:  # resumed a finished run
         accelerator.end_training()
         return {}
@@ -297,6 +300,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
         f"batch {recipe.data.batch_size} x {accelerator.num_processes} process(es), run folder {run_dir}"
     )
     accelerator.print(describe_step(recipe, loss_fn, accelerator.num_processes))
+    accelerator.print(describe_parameters(encoder, encoder.backbone))
     saved_at = state.step if folder.resume else None
     if recipe.evaluation.at_start and state.step == 0 and recipe.evaluation.sets:
         metrics_log.write(0, evals.run(accelerator, model.encoder, cached=True))
@@ -433,11 +437,11 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
     )
 
 
-def restore(accelerator: Accelerator, folder, data: TrainingData, scheduler) -> TrainState | None:
+def restore(accelerator: Accelerator, folder, data: TrainingData, scheduler, model: Model) -> TrainState | None:
     """The state of the newest checkpoint, everything restored from it, metrics after it dropped
     and recipe changes recorded; None when that run is already finished."""
     run_dir = folder.path
-    state = resume_from(accelerator, run_dir, data.shape)
+    state = resume_from(accelerator, run_dir, data.shape, model.encoder if model.trainable_only_checkpoints else None)
     scheduler.load_state_dict(state.scheduler)
     if accelerator.is_main_process:
         truncate_metrics(run_dir / METRICS_FILE, state.step)
@@ -547,7 +551,14 @@ def prepare_model(
         loss_fn.to(accelerator.device)
     for frozen_encoder in frozen.values():
         frozen_encoder.to(accelerator.device)
-    return Model(encoder, loss_fn, frozen, loss_parameters, loss_fn.layer_indices()), optimizer, scheduler
+    # LoRA: checkpoints without the frozen base weights (DeepSpeed and FSDP save their own way)
+    trainable_only = is_lora(accelerator.unwrap_model(encoder).backbone) and accelerator.distributed_type not in (
+        DistributedType.DEEPSPEED, DistributedType.FSDP
+    )
+    if trainable_only:
+        keep_trainable_in_checkpoints(accelerator, encoder)
+    model = Model(encoder, loss_fn, frozen, loss_parameters, loss_fn.layer_indices(), trainable_only)
+    return model, optimizer, scheduler
 
 
 def train_step(
@@ -631,9 +642,12 @@ def nonfinite_error(run: list[tuple[int, int, int]], data: TrainingData, sources
     )
 
 
-def resume_from(accelerator: Accelerator, run_dir: Path, shape: RunShape) -> TrainState:
+def resume_from(
+    accelerator: Accelerator, run_dir: Path, shape: RunShape, trainable_only: torch.nn.Module | None = None
+) -> TrainState:
     """Loads the newest complete checkpoint (recovering one an interrupted save left aside) and
-    refuses it when the run's shape (processes, batch, data) changed."""
+    refuses it when the run's shape (processes, batch, data) changed. `trainable_only`: the
+    encoder whose checkpoints hold only its trainable parameters (LoRA)."""
     if accelerator.is_main_process:
         checkpoint, notes = find_resume_point(run_dir)
         for note in notes:
@@ -651,6 +665,6 @@ def resume_from(accelerator: Accelerator, run_dir: Path, shape: RunShape) -> Tra
                 "point at other pairs: " + "; ".join(differences) + ". Resume with the same number of processes "
                 "and the same data, or start a new run (run_name=NEW_NAME)"
             )
-    state = load_checkpoint(accelerator, checkpoint)
+    state = load_checkpoint(accelerator, checkpoint, trainable_only)
     accelerator.print(f"resumed from {checkpoint} (step {state.step}, epoch {state.epoch})")
     return state

@@ -32,8 +32,23 @@ def _files_digest(files: list[Path]) -> str:
 
 
 def _weights_digest(folder: Path) -> str | None:
+    """The weights' content; for a LoRA adapter folder, with its settings (the base and its cut)
+    and the base's own weights."""
+    from trainer.model.encoder import ENCODER_FILE
+    from trainer.model.lora import adapter_base, holds_adapter
+
     files = sorted(p for p in folder.glob("*") if p.suffix in {".safetensors", ".bin"})
-    return _files_digest(files) if files else None
+    if not files:
+        return None
+    if not holds_adapter(folder):
+        return _files_digest(files)
+    settings_file = folder / ENCODER_FILE
+    settings = json.loads(settings_file.read_text(encoding="utf-8")) if settings_file.exists() else {}
+    base = Path(resolve_model_path(adapter_base(folder, settings)["name_or_path"]))
+    base_digest = _weights_digest(base) if base.is_dir() else None
+    if base_digest is None:
+        return None
+    return _files_digest(files + ([settings_file] if settings_file.exists() else [])) + base_digest
 
 
 def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | None = None) -> str | None:
@@ -46,7 +61,9 @@ def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | Non
         return None
     # only what changes the numbers: the files' content stands for their path, names are prefixes
     # every model setting but those that cannot change an embedding, so a new setting is keyed by default
-    settings = {k: v for k, v in asdict(model).items() if k not in ("name_or_path", "gradient_checkpointing", "trust_remote_code")}
+    # (and `lora`: fresh adapters start as the identity, peft initialising B at zero)
+    unchanging = ("name_or_path", "gradient_checkpointing", "trust_remote_code", "lora")
+    settings = {k: v for k, v in asdict(model).items() if k not in unchanging}
     eval_settings = {k: v for k, v in asdict(eval_set).items() if k not in ("name", "path")}
     data = _files_digest(eval_set.files())
     blob = json.dumps([CACHE_VERSION, weights, settings, eval_settings, data] + ([sorted(dims)] if dims else []), sort_keys=True)

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from trainer.checkpoint import model_dir
 from trainer.errors import RunError
 from trainer.model.encoder import ENCODER_FILE, Encoder, ModelError, saved_model_config
+from trainer.model.lora import is_lora, merged, save_adapter
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PARITY_TOLERANCE = {"fp32": 1e-5, "fp16": 2e-2, "bf16": 5e-2}
@@ -68,12 +69,13 @@ def model_folder(checkpoint: str | Path) -> Path:
 
 
 def load_checked(folder: Path, trust_remote_code: bool = False, num_layers: int | None = None) -> Encoder:
+    """The model as trained: a LoRA checkpoint with its adapter unmerged (the parity reference)."""
     try:
         config = saved_model_config(str(folder))
         config.trust_remote_code = trust_remote_code
         if num_layers is not None:
             config.num_layers = num_layers
-        return Encoder.from_config(config)
+        return Encoder.from_config(config, merge_adapter=False)
     except ModelError as exc:  # corrupt weights or settings, named by the encoder
         raise ExportError(f"{folder}: cannot load the model: {exc}") from None
 
@@ -163,10 +165,14 @@ def write_folder(
     hidden = encoder.backbone.config.hidden_size
     truncate_dim = truncate_dim or config.embedding_dim
     backbone = encoder.backbone.to(DTYPES[dtype])
-    backbone.save_pretrained(out, safe_serialization=True)
+    if is_lora(backbone):  # --keep-adapter: the adapter, loaded onto its base by sentence-transformers and peft
+        save_adapter(backbone, out, None, with_config=False)
+        backbone = backbone.get_base_model()
+    else:
+        backbone.save_pretrained(out, safe_serialization=True)
     encoder.tokenizer.save_pretrained(out)
     st_config: dict = {"max_seq_length": config.max_seq_length, "do_lower_case": False}
-    if "add_pooling_layer" in inspect.signature(type(encoder.backbone).__init__).parameters:
+    if "add_pooling_layer" in inspect.signature(type(backbone).__init__).parameters:
         st_config["model_args"] = {"add_pooling_layer": False}  # trained without the unused pooler head
     (out / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2))
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
@@ -256,13 +262,20 @@ def export(
     onnx: bool = False,
     trust_remote_code: bool = False,
     projection: str | None = None,
+    keep_adapter: bool = False,
 ) -> ExportResult:
     """Export, then check parity on fixed texts (queries and documents, with their prompts).
     Every check on `out` runs before anything is written or deleted. `num_layers` keeps only the
-    first transformer layers (a 2D-Matryoshka model made smaller)."""
+    first transformer layers (a 2D-Matryoshka model made smaller). A LoRA checkpoint is merged
+    into its base weights (the folder needs no peft), or with `keep_adapter` written as the
+    adapter alone; parity is checked against the unmerged model either way."""
     source = model_folder(checkpoint)
     out = check_out(Path(checkpoint), source, Path(out), overwrite)
     encoder = load_checked(source, trust_remote_code, num_layers)
+    if keep_adapter and not is_lora(encoder.backbone):
+        raise ExportError(f"--keep-adapter: {source} holds no LoRA adapter (it was trained in full)")
+    if keep_adapter and (onnx or num_layers is not None):
+        raise ExportError("--keep-adapter writes the adapter for the full base model; --onnx and --layers need it merged")
     if truncate_dim is not None and not 0 < truncate_dim <= encoder.dim:
         raise ExportError(f"--dim {truncate_dim} must be between 1 and the model's {encoder.dim}")
     expected_queries = reference_embeddings(encoder, PARITY_TEXTS, truncate_dim, is_query=True)
@@ -274,6 +287,9 @@ def export(
         _, weight, bias = read_projection(Path(checkpoint), projection, truncate_dim or encoder.dim)
         linear = (weight, bias)
         expected_queries, expected_docs = (e @ weight.T + bias for e in (expected_queries, expected_docs))
+
+    if not keep_adapter:
+        encoder.backbone = merged(encoder.backbone)
 
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():

@@ -233,7 +233,7 @@ def saved_model_config(path: str) -> ModelConfig | None:
         data = _read_json(settings_file, path)
         if not isinstance(data, dict):
             raise ModelError(f"{settings_file}: expected a JSON object of settings, got {type(data).__name__}")
-        data = {k: v for k, v in data.items() if k not in NOT_SAVED}
+        data = {k: v for k, v in data.items() if k not in NOT_SAVED and k != "adapter_base"}  # read by build_backbone
         try:
             return Builder(str(settings_file)).build(ModelConfig, {"name_or_path": path, **data}, "")
         except RecipeError as exc:
@@ -326,6 +326,37 @@ def _load_backbone(path: str, trust_remote_code: bool = False) -> torch.nn.Modul
     return backbone
 
 
+def build_backbone(config: ModelConfig, merge_adapter: bool = True) -> torch.nn.Module:
+    """The backbone `config` names, cut to its `layers` / `num_layers`. A folder holding a LoRA
+    adapter is its base model (built the same way, so a base that is itself an adapter folder
+    works too), cut as it was in training, with the adapter applied."""
+    from trainer.model.lora import adapter_base, holds_adapter, load_adapter
+
+    path = locate_model(config.name_or_path)
+    if holds_adapter(path):
+        settings_file = Path(path) / ENCODER_FILE
+        settings = _read_json(settings_file, config.name_or_path) if settings_file.exists() else {}
+        base = adapter_base(path, settings if isinstance(settings, dict) else {})
+        base_config = ModelConfig(
+            name_or_path=base["name_or_path"], layers=base.get("layers"), num_layers=base.get("num_layers"),
+            trust_remote_code=config.trust_remote_code,
+        )
+        try:
+            backbone = load_adapter(build_backbone(base_config), path, merge_adapter)
+        except LOAD_ERRORS as exc:
+            raise load_error(config.name_or_path, path, "LoRA adapter", exc) from None
+    else:
+        try:
+            backbone = _load_backbone(path, config.trust_remote_code)
+        except LOAD_ERRORS as exc:
+            raise load_error(config.name_or_path, path, "weights", exc) from None
+    if config.layers is not None:
+        keep_layers(backbone, config.layers, config.name_or_path)
+    if config.num_layers is not None:
+        keep_first_layers(backbone, config.num_layers, config.name_or_path)
+    return backbone
+
+
 def keep_first_layers(backbone: torch.nn.Module, count: int, name: str) -> None:
     """Cut the backbone to its first `count` transformer layers, in place (see `keep_layers`)."""
     total = getattr(backbone.config, "num_hidden_layers", None)
@@ -383,23 +414,22 @@ class Encoder(torch.nn.Module):
         self.pool = POOLING[config.pooling]
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> "Encoder":
+    def from_config(cls, config: ModelConfig, merge_adapter: bool = True) -> "Encoder":
         """Load the backbone and tokenizer; any problem is a `ModelError` that names the model and
-        the reason (see `load_backbone_config`, which runs first)."""
-        path, _ = load_backbone_config(config)
+        the reason (see `load_backbone_config`, which runs first). A folder that holds a LoRA
+        adapter loads merged into its base, unless `merge_adapter` is False (export's reference);
+        `config.lora` then adds fresh adapters to train."""
+        load_backbone_config(config)
         tokenizer = load_tokenizer(config.name_or_path, config.trust_remote_code)
-        try:
-            backbone = _load_backbone(path, config.trust_remote_code)
-        except LOAD_ERRORS as exc:
-            raise load_error(config.name_or_path, path, "weights", exc) from None
+        backbone = build_backbone(config, merge_adapter)
         if tokenizer.pad_token is None:  # decoder LLMs often have none
             tokenizer.pad_token = tokenizer.eos_token
-        if config.layers is not None:
-            keep_layers(backbone, config.layers, config.name_or_path)
-        if config.num_layers is not None:
-            keep_first_layers(backbone, config.num_layers, config.name_or_path)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(backbone)
+        if config.lora is not None:
+            from trainer.model.lora import add_lora
+
+            backbone = add_lora(backbone, config.lora, config.gradient_checkpointing)
         hidden = getattr(backbone.config, "hidden_size", None)
         if config.embedding_dim is not None and hidden is not None and config.embedding_dim > hidden:
             raise ModelError(f"model.embedding_dim {config.embedding_dim} is more than {config.name_or_path}'s {hidden} dimensions")
@@ -479,11 +509,23 @@ class Encoder(torch.nn.Module):
         """The backbone in Hugging Face format (safetensors), its tokenizer and our settings.
 
         `state_dict` is the encoder's full state when the parameters are sharded (ZeRO-3, FSDP)."""
+        from trainer.model.lora import ADAPTER_BASE, is_lora, save_adapter
+
         folder = Path(folder)
         if state_dict is not None:
             state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
-        self.backbone.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        self.tokenizer.save_pretrained(folder)
         settings = {k: v for k, v in asdict(self.config).items() if k not in NOT_SAVED}
         settings.update(layers=None, num_layers=None)  # the saved backbone holds only the kept layers
+        if is_lora(self.backbone):  # the adapter only, and where its base comes from
+            save_adapter(self.backbone, folder, state_dict)
+            name = self.config.name_or_path
+            settings[ADAPTER_BASE] = {
+                "name_or_path": str(Path(name).resolve()) if Path(name).exists() else name,
+                "layers": self.config.layers,
+                "num_layers": self.config.num_layers,
+            }
+            settings["lora"] = None  # loading the folder applies its adapter; it adds no new one
+        else:
+            self.backbone.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
         (folder / ENCODER_FILE).write_text(json.dumps(settings, indent=2))
