@@ -100,3 +100,30 @@ checkpointing: {{output_dir: {tmp_path / 'runs'}, every_steps: 2, keep_last: nul
 {extra}"""
     )
     return path
+
+
+def tiny_decoder(folder: Path, family: str = "qwen2", seed: int = 0) -> Path:
+    """A 2-layer random decoder (qwen2 or llama, hidden 16) with the family's own tokenizer class
+    over a one-character vocabulary; like the real ones, neither tokenizer adds an end-of-sequence
+    token (Llama's adds its begin-of-sequence token)."""
+    import string
+
+    import torch
+    from transformers import AutoConfig, AutoModel, LlamaTokenizer, Qwen2Tokenizer
+
+    space = {"qwen2": "\u0120", "llama": "\u2581"}[family]  # byte-level BPE's and sentencepiece's space
+    specials = {"qwen2": ["<|endoftext|>", "<|im_end|>"], "llama": ["<unk>", "<s>", "</s>"]}[family]
+    vocab = {t: i for i, t in enumerate(specials + [space] + list(string.ascii_lowercase + string.digits))}
+    if family == "qwen2":
+        tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    else:
+        tokenizer = LlamaTokenizer(vocab=vocab, merges=[], unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    config = AutoConfig.for_model(
+        family, vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    AutoModel.from_config(config).save_pretrained(folder)
+    return folder

@@ -86,6 +86,13 @@ class ModelConfig:
     layers: list[int] | None = None
     """Keep only these transformer layers (0-based, increasing), e.g. [0, 2, 4]: a distillation
     student cut from its teacher (`embtrain prep student` saves one); null: all of them."""
+    torch_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    """Precision of the loaded weights: float32 (then `training.mixed_precision` picks the compute
+    precision), bfloat16 / float16 to hold a large decoder in half the memory (with LoRA, the
+    frozen base; the adapters train in float32), or `auto`: the checkpoint's own."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    """Attention kernel: null picks flash_attention_2 when the flash-attn package is installed
+    and a GPU is there, else PyTorch's sdpa (transformers' default where the model supports it)."""
     lora: LoraConfig | None = None
     """Train low-rank adapters instead of every weight (`lora: {}` for the defaults); null: full
     fine-tuning. With a model folder that holds an adapter (a LoRA run's checkpoint), that adapter

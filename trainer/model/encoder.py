@@ -6,6 +6,7 @@ This is the only place where texts become embeddings, for training and evaluatio
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import sys
 from dataclasses import asdict
@@ -217,6 +218,23 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def end_with_eos(tokenizer, name: str) -> None:
+    """Last-token pooling reads the final token's state: make it the end-of-sequence token, as
+    decoder embedders are trained, when the tokenizer does not add one itself (Qwen2 and Llama
+    tokenizers do not). The setting is saved with the tokenizer, so exported folders add it too."""
+    eos = tokenizer.eos_token_id
+    if eos is None or tokenizer("a")["input_ids"][-1] == eos:
+        return
+    if hasattr(tokenizer, "add_eos_token"):
+        tokenizer.add_eos_token = True
+    if tokenizer("a")["input_ids"][-1] != eos:
+        print(
+            f"warning: {name}: the tokenizer cannot be made to end texts with its end-of-sequence token "
+            f"{tokenizer.eos_token!r}; last-token pooling reads each text's own last token",
+            file=sys.stderr,
+        )
+
+
 def _read_json(path: Path, name: str):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -297,16 +315,32 @@ def truncation_dim(dense: Path, name: str) -> int:
     return int(weight.shape[0])
 
 
-def _load_backbone(path: str, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The backbone without its pooler head (unused by every pooling here). transformers' own
-    load report is silenced, since it flags the pooler weights left out; weights that really are
-    missing or unused are reported in one line instead."""
+def attention_kernel(requested: str | None) -> str | None:
+    """`model.attn_implementation`, or for null flash_attention_2 where flash-attn and a GPU are
+    there; None leaves the choice to transformers (sdpa where the model supports it)."""
+    if requested is not None:
+        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ModelError("model.attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn)")
+        return requested
+    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+        return "flash_attention_2"
+    return None
+
+
+def _load_backbone(path: str, config: ModelConfig) -> torch.nn.Module:
+    """The backbone without its pooler head (unused by every pooling here), in the recipe's
+    precision and attention kernel. transformers' own load report is silenced, since it flags
+    the pooler weights left out; weights that really are missing or unused are reported in one
+    line instead."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    options = {"output_loading_info": True, "trust_remote_code": trust_remote_code}
+    options = {"output_loading_info": True, "trust_remote_code": config.trust_remote_code, "dtype": config.torch_dtype}
+    kernel = attention_kernel(config.attn_implementation)
+    if kernel is not None:
+        options["attn_implementation"] = kernel
     try:
         try:
             backbone, info = AutoModel.from_pretrained(path, add_pooling_layer=False, **options)
@@ -339,7 +373,8 @@ def build_backbone(config: ModelConfig, merge_adapter: bool = True) -> torch.nn.
         base = adapter_base(path, settings if isinstance(settings, dict) else {})
         base_config = ModelConfig(
             name_or_path=base["name_or_path"], layers=base.get("layers"), num_layers=base.get("num_layers"),
-            trust_remote_code=config.trust_remote_code,
+            trust_remote_code=config.trust_remote_code, torch_dtype=config.torch_dtype,
+            attn_implementation=config.attn_implementation,
         )
         try:
             backbone = load_adapter(build_backbone(base_config), path, merge_adapter)
@@ -347,7 +382,7 @@ def build_backbone(config: ModelConfig, merge_adapter: bool = True) -> torch.nn.
             raise load_error(config.name_or_path, path, "LoRA adapter", exc) from None
     else:
         try:
-            backbone = _load_backbone(path, config.trust_remote_code)
+            backbone = _load_backbone(path, config)
         except LOAD_ERRORS as exc:
             raise load_error(config.name_or_path, path, "weights", exc) from None
     if config.layers is not None:
@@ -424,6 +459,8 @@ class Encoder(torch.nn.Module):
         backbone = build_backbone(config, merge_adapter)
         if tokenizer.pad_token is None:  # decoder LLMs often have none
             tokenizer.pad_token = tokenizer.eos_token
+        if config.pooling == "last_token":
+            end_with_eos(tokenizer, config.name_or_path)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(backbone)
         if config.lora is not None:

@@ -12,6 +12,7 @@ is unchanged. What differs is what gets saved:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -35,6 +36,14 @@ def holds_adapter(folder: str | Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 
 
+@contextlib.contextmanager
+def _quiet():
+    """peft reads an attribute that transformers 5 deprecates: a warning no user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def add_lora(backbone: torch.nn.Module, config: LoraConfig, gradient_checkpointing: bool) -> torch.nn.Module:
     """The backbone with fresh adapters (the update starts at zero, so the model is unchanged)."""
     import peft
@@ -50,8 +59,7 @@ def add_lora(backbone: torch.nn.Module, config: LoraConfig, gradient_checkpointi
         bias="none",
     )
     try:
-        with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates; nothing to act on
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with _quiet():
             return peft.get_peft_model(backbone, settings)
     except ValueError as exc:  # peft: a target module that matches nothing, or an unsupported layer
         raise RunError(f"model.lora: {' '.join(str(exc).split())[:400]}") from None
@@ -61,7 +69,8 @@ def load_adapter(backbone: torch.nn.Module, folder: str | Path, merge: bool) -> 
     """`folder`'s adapter on `backbone`: merged into its weights (a plain model again), or kept."""
     import peft
 
-    model = peft.PeftModel.from_pretrained(backbone, str(folder), is_trainable=False)
+    with _quiet():
+        model = peft.PeftModel.from_pretrained(backbone, str(folder), is_trainable=False)
     if not merge:
         return model
     return model.merge_and_unload().requires_grad_(True)  # peft froze the base; a merged model trains in full

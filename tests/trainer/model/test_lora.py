@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_recipe
+from conftest import tiny_decoder, write_recipe
 from trainer.cli import main
 from trainer.config import LoraConfig, ModelConfig, RecipeError, load_recipe
 from trainer.errors import RunError
@@ -141,20 +141,11 @@ def test_gradient_checkpointing_with_lora_trains_the_adapters(tiny_model):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_decoders_get_adapters_on_every_linear_layer_by_default(tmp_path, family, capsys):
-    from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<pad>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate("apple river engine".split())}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>").save_pretrained(tmp_path)
-    config = AutoConfig.for_model(family, vocab_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    AutoModel.from_config(config).save_pretrained(tmp_path)
-    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tmp_path), pooling="last_token", max_seq_length=8, lora=LoraConfig()))
+def test_decoders_get_adapters_on_every_linear_layer_by_default(tmp_path, family):
     from trainer.model.lora import describe_parameters
 
+    folder = tiny_decoder(tmp_path, family)
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(folder), pooling="last_token", max_seq_length=8, lora=LoraConfig()))
     line = describe_parameters(encoder, encoder.backbone)
     assert "on 14 modules (down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj)" in line
 
