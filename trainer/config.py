@@ -72,6 +72,10 @@ class ModelConfig:
     """Prefix added to every query, e.g. 'query: '."""
     document_prompt: str = ""
     """Prefix added to every document (positives, negatives, corpus), e.g. 'passage: '."""
+    pool_prompt: bool = True
+    """Pool over the prompt's tokens too; false: only the text's own tokens are pooled (the
+    prompt still conditions them), as GritLM and sentence-transformers' include_prompt=False do
+    for instruction prompts. Exported so that sentence-transformers does the same."""
     gradient_checkpointing: bool = False
     """Recompute the backbone's activations in the backward pass: less memory, ~30% more time."""
     trust_remote_code: bool = False

@@ -468,11 +468,12 @@ def build_collator(recipe: Recipe, encoder: Encoder, frozen: dict[str, Encoder])
     ]
     frozen_tokenizers = {
         key: PairTexts() if isinstance(e, CrossEncoderScorer)
-        else TextTokenizer(e.tokenizer, e.config.max_seq_length, [(e.config.query_prompt, e.config.document_prompt)])
+        else TextTokenizer(e.tokenizer, e.config.max_seq_length, [(e.config.query_prompt, e.config.document_prompt)], e.config.pool_prompt)
         for key, e in frozen.items()
     }
     return Collator(
-        encoder.tokenizer, recipe.model.max_seq_length, prompts, [s.in_batch_negatives for s in sources], frozen_tokenizers
+        encoder.tokenizer, recipe.model.max_seq_length, prompts, [s.in_batch_negatives for s in sources], frozen_tokenizers,
+        recipe.model.pool_prompt,
     )
 
 

@@ -71,6 +71,20 @@ def BACKWARD(loss: torch.Tensor, **options) -> None:
     loss.backward(**options)
 
 
+def test_cached_equals_plain_with_prompts_left_out_of_pooling(tiny_model):
+    encoder = load(tiny_model).eval()
+    encoder.config.pool_prompt = False
+    rows = [Example(e.query, e.positive, e.negatives, source=i % 2) for i, e in enumerate(examples())]
+    batch = Collator(encoder.tokenizer, 16, [("query : ", "passage : "), ("", "")], pool_prompt=False)(rows)
+    plain_loss, _ = plain_step(encoder, LOSS, batch, BACKWARD, cross_device=False)
+    plain = grads(encoder)
+    cached_loss, _ = cached_step(encoder, LOSS, batch, BACKWARD, False, 3, nullcontext)
+    assert cached_loss.item() == pytest.approx(plain_loss.item(), abs=TOLERANCE)
+    assert_same(grads(encoder), plain)
+    pooled_prompts = Collator(encoder.tokenizer, 16, [("query : ", "passage : "), ("", "")])(rows)
+    assert plain_step(encoder, LOSS, pooled_prompts, BACKWARD, cross_device=False)[0].item() != pytest.approx(plain_loss.item())
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])
 def test_cached_equals_plain_without_dropout(tiny_model, chunk_size):
     encoder = load(tiny_model).eval()

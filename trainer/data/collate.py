@@ -18,6 +18,20 @@ def tokenize(tokenizer, texts: list[str], max_seq_length: int) -> Features:
     return dict(tokenizer(texts, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt"))
 
 
+PROMPT_LENGTH = "prompt_length"
+"""Features key: (B,) tokens of each row's prompt, to leave out of pooling (`model.pool_prompt: false`)."""
+
+
+def prompt_token_count(tokenizer, prompt: str) -> int:
+    """Tokens a prompt takes at the start of a text, as sentence-transformers counts them: the
+    prompt tokenised alone (with a leading special token such as [CLS]), less a trailing special
+    token ([SEP], EOS)."""
+    if not prompt:
+        return 0
+    ids = tokenizer(prompt)["input_ids"]
+    return len(ids) - (1 if ids and ids[-1] in tokenizer.all_special_ids else 0)
+
+
 @dataclass
 class TextTokenizer:
     """How one encoder tokenises: its tokenizer, length and (query, document) prompt per source."""
@@ -27,6 +41,8 @@ class TextTokenizer:
     prompts: list[tuple[str, str]]
     """(query prompt, document prompt) for each training source (one pair for all sources when
     the list has one entry)."""
+    pool_prompt: bool = True
+    """False: the features carry each row's prompt length (PROMPT_LENGTH), left out of pooling."""
 
     def prompt(self, source: int, is_query: bool) -> str:
         pair = self.prompts[source] if len(self.prompts) > 1 else self.prompts[0]
@@ -44,7 +60,17 @@ class TextTokenizer:
     def __call__(self, examples: list[Example]) -> tuple[Features, Features | None]:
         queries, documents = self.texts(examples)
         query_features = tokenize(self.tokenizer, queries, self.max_seq_length)
-        return query_features, None if documents is None else tokenize(self.tokenizer, documents, self.max_seq_length)
+        document_features = None if documents is None else tokenize(self.tokenizer, documents, self.max_seq_length)
+        if not self.pool_prompt:
+            query_features[PROMPT_LENGTH] = self.prompt_lengths([e.source for e in examples], True)
+            if document_features is not None:
+                sources = [e.source for e in examples] + [e.source for e in examples for _ in e.negatives]
+                document_features[PROMPT_LENGTH] = self.prompt_lengths(sources, False)
+        return query_features, document_features
+
+    def prompt_lengths(self, sources: list[int], is_query: bool) -> torch.Tensor:
+        counts = {s: prompt_token_count(self.tokenizer, self.prompt(s, is_query)) for s in set(sources)}
+        return torch.tensor([counts[s] for s in sources], dtype=torch.int64)
 
     def with_ids(self, examples: list[Example]) -> "FrozenBatch":
         """Tokenised, with the `text_key` of every text as this encoder sees it (prompt included)."""
@@ -138,8 +164,9 @@ class Collator:
         prompts: list[tuple[str, str]] | None = None,
         in_batch: list[bool] | None = None,
         frozen: dict[str, "TextTokenizer | PairTexts"] | None = None,
+        pool_prompt: bool = True,
     ) -> None:
-        self.model = TextTokenizer(tokenizer, max_seq_length, prompts or [("", "")])
+        self.model = TextTokenizer(tokenizer, max_seq_length, prompts or [("", "")], pool_prompt)
         self.in_batch = in_batch or [True]
         """Per training source: whether its rows take in-batch negatives."""
         self.frozen = frozen or {}

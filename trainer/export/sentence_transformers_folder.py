@@ -110,7 +110,7 @@ def check_out(checkpoint: Path, source: Path, out: Path, overwrite: bool) -> Pat
     return target
 
 
-def _pooling_config(pooling: str, dim: int) -> dict:
+def _pooling_config(pooling: str, dim: int, include_prompt: bool = True) -> dict:
     return {
         "word_embedding_dimension": dim,
         "pooling_mode_cls_token": pooling == "cls",
@@ -119,7 +119,7 @@ def _pooling_config(pooling: str, dim: int) -> dict:
         "pooling_mode_mean_sqrt_len_tokens": False,
         "pooling_mode_weightedmean_tokens": False,
         "pooling_mode_lasttoken": pooling == "last_token",
-        "include_prompt": True,
+        "include_prompt": include_prompt,
     }
 
 
@@ -177,7 +177,7 @@ def write_folder(
     (out / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2))
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
     (out / "1_Pooling").mkdir()
-    (out / "1_Pooling" / "config.json").write_text(json.dumps(_pooling_config(config.pooling, hidden), indent=2))
+    (out / "1_Pooling" / "config.json").write_text(json.dumps(_pooling_config(config.pooling, hidden, config.pool_prompt), indent=2))
     modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
     if truncate_dim is not None:
         dense = out / "2_Dense"
@@ -247,7 +247,8 @@ def exported_embeddings(folder: Path, texts: list[str], prompt: str, trust_remot
 
     model = SentenceTransformer(str(folder), device="cpu", trust_remote_code=trust_remote_code)
     model.float()  # compare in fp32: half-precision exports are checked for their rounding only
-    return model.encode([prompt + t for t in texts], convert_to_tensor=True, batch_size=8).float().cpu()
+    # the prompt passed as such: sentence-transformers then knows its length (include_prompt=False)
+    return model.encode(texts, prompt=prompt or None, convert_to_tensor=True, batch_size=8).float().cpu()
 
 
 def export(

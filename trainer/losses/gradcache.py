@@ -48,7 +48,7 @@ def split_features(features: Features, chunk_size: int) -> list[Features]:
         chunk = {k: v[start : start + chunk_size] for k, v in features.items()}
         length = int(chunk["attention_mask"].sum(dim=1).max())
         if not chunk["attention_mask"][:, length:].any():  # right padding: drop the all-padding tail
-            chunk = {k: v[:, :length] for k, v in chunk.items()}
+            chunk = {k: v[:, :length] if v.ndim == 2 else v for k, v in chunk.items()}  # (B,) extras stay
         chunks.append(chunk)
     return chunks
 

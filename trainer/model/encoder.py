@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 
 from trainer.config import ModelConfig, RecipeError
-from trainer.data.collate import tokenize
+from trainer.data.collate import PROMPT_LENGTH, prompt_token_count, tokenize
 from trainer.errors import RunError
 from trainer.model.pooling import POOLING
 from trainer.progress import progress_bar
@@ -271,6 +271,7 @@ def saved_model_config(path: str) -> ModelConfig | None:
                 config.pooling = "cls"
             elif pooling.get("pooling_mode_lasttoken"):
                 config.pooling = "last_token"
+            config.pool_prompt = bool(pooling.get("include_prompt", True))
         if "Dense" in kinds:
             config.embedding_dim = truncation_dim(folder / str(kinds["Dense"].get("path", "")), path)
         bert_config = folder / "sentence_bert_config.json"
@@ -440,6 +441,14 @@ def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
+def without_prompt(mask: torch.Tensor, prompt_length: torch.Tensor) -> torch.Tensor:
+    """The attention mask (B, L) with each row's first `prompt_length` real tokens zeroed, for
+    pooling only (under left padding the real tokens start after the padding)."""
+    first = mask.long().argmax(dim=1)  # (B,) position of the first real token
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return mask * (positions >= (first + prompt_length.to(mask.device)).unsqueeze(1)).to(mask.dtype)
+
+
 class Encoder(torch.nn.Module):
     def __init__(self, backbone: torch.nn.Module, tokenizer, config: ModelConfig) -> None:
         super().__init__()
@@ -487,8 +496,10 @@ class Encoder(torch.nn.Module):
         """Tokenised texts to embeddings (B, D). With `layers`, (B, 1+K, D): the final embeddings,
         then those pooled the same way from the output of each of the first `layers[k]` transformer
         layers (0: the token embeddings), for 2D Matryoshka losses."""
-        output = self.backbone(**features, **({"output_hidden_states": True} if layers else {}))
-        mask = features["attention_mask"]
+        prompt_length = features.get(PROMPT_LENGTH)
+        inputs = {k: v for k, v in features.items() if k != PROMPT_LENGTH}
+        output = self.backbone(**inputs, **({"output_hidden_states": True} if layers else {}))
+        mask = features["attention_mask"] if prompt_length is None else without_prompt(features["attention_mask"], prompt_length)
         embeddings = self.pool(output.last_hidden_state, mask)  # (B, L, H) -> (B, H)
         if layers:
             earlier = [self.pool(self._layer_output(output.hidden_states, k), mask) for k in layers]
@@ -537,6 +548,8 @@ class Encoder(torch.nn.Module):
         for start in progress_bar(starts, desc=progress, hide=progress is None, leave=False):
             index = order[start : start + batch_size]
             features = self.tokenize([prompt + texts[i] for i in index])
+            if not self.config.pool_prompt:
+                features[PROMPT_LENGTH] = torch.full((len(index),), prompt_token_count(self.tokenizer, prompt))
             features = {k: v.to(device) for k, v in features.items()}
             out[index] = (self if module is None else module)(features).float().cpu()
         self.train(was_training)

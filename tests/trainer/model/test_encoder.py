@@ -13,3 +13,34 @@ def test_a_student_cut_to_some_layers_reloads_as_it_was_saved(tmp_path, tiny_mod
     assert again.num_layers == 1
     texts = ["apple river", "engine 12 and more"]
     assert torch.allclose(again.encode(texts, is_query=True), student.encode(texts, is_query=True), atol=1e-6)
+
+
+def test_prompt_tokens_can_be_left_out_of_pooling_as_sentence_transformers_does(tmp_path, tiny_model):
+    from sentence_transformers import SentenceTransformer
+
+    from trainer.data.collate import PROMPT_LENGTH, TextTokenizer
+    from trainer.data.examples import Example
+    from trainer.export.sentence_transformers_folder import export
+
+    config = ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, query_prompt="what about ", pool_prompt=False)
+    encoder = Encoder.from_config(config).eval()
+    texts = ["apple river", "engine 12 and more"]
+    with_prompt = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, query_prompt="what about ")).eval()
+    got = encoder.encode(texts, is_query=True)
+    assert (got - with_prompt.encode(texts, is_query=True)).abs().max() > 1e-3  # the prompt is out of the mean
+    # by hand: the mean over the text's own tokens and [SEP], after [CLS] and the 2 prompt words
+    features = encoder.tokenize(["what about apple river"])
+    with torch.no_grad():
+        states = encoder.backbone(**features).last_hidden_state[0]
+    torch.testing.assert_close(got[0], torch.nn.functional.normalize(states[3:].mean(0), dim=0), atol=1e-6, rtol=0)
+
+    # the training batch carries each row's prompt length: its source's prompt
+    tokenizer = TextTokenizer(encoder.tokenizer, 16, [("what about ", "doc: "), ("", "")], pool_prompt=False)
+    queries, documents = tokenizer([Example("apple", "river", (), source=0), Example("engine", "gear", ("x",), source=1)])
+    assert queries[PROMPT_LENGTH].tolist() == [3, 0] and documents[PROMPT_LENGTH].tolist() == [3, 0, 0]  # [CLS] doc :
+
+    encoder.save_pretrained(tmp_path / "trained")  # the export checks parity with sentence-transformers
+    assert export(tmp_path / "trained", tmp_path / "st").max_abs_diff <= 1e-5
+    exported = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert not exported[1].include_prompt
+    assert embedding_config(str(tmp_path / "st")).pool_prompt is False
