@@ -199,7 +199,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint)
     run_dir = checkpoint.parent if (checkpoint.parent / "recipe.yaml").exists() else None
     st_config = json.loads((result.folder / "config_sentence_transformers.json").read_text())
-    dimension = args.dim or json.loads((result.folder / "1_Pooling" / "config.json").read_text())["word_embedding_dimension"]
+    pooling = result.folder / "1_Pooling" / "config.json"
+    if pooling.exists():
+        dimension = args.dim or json.loads(pooling.read_text())["word_embedding_dimension"]
+    else:  # latent attention
+        dimension = args.dim or json.loads((result.folder / "1_LatentAttention" / "config.json").read_text())["hidden_size"]
     if args.projection:  # the last module maps into the teacher's space
         last = json.loads((result.folder / "modules.json").read_text())[-1]
         dimension = json.loads((result.folder / last["path"] / "config.json").read_text())["out_features"]

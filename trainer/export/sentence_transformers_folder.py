@@ -176,9 +176,19 @@ def write_folder(
         st_config["model_args"] = {"add_pooling_layer": False}  # trained without the unused pooler head
     (out / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2))
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
-    (out / "1_Pooling").mkdir()
-    (out / "1_Pooling" / "config.json").write_text(json.dumps(_pooling_config(config.pooling, hidden, config.pool_prompt), indent=2))
-    modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
+    if config.pooling == "latent_attention":  # the trainer's own module file, run by sentence-transformers
+        from trainer.model import latent_attention
+
+        shutil.copyfile(latent_attention.__file__, out / "latent_attention.py")
+        (out / "1_LatentAttention").mkdir()
+        (out / "1_LatentAttention" / "config.json").write_text(json.dumps(encoder.pool.settings(), indent=2))
+        save_file({f"pool.{k}": v.detach().to(DTYPES[dtype]).contiguous() for k, v in encoder.pool.state_dict().items()},
+                  str(out / "1_LatentAttention" / "model.safetensors"))
+        modules.append({"idx": 1, "name": "1", "path": "1_LatentAttention", "type": latent_attention.ST_TYPE})
+    else:
+        (out / "1_Pooling").mkdir()
+        (out / "1_Pooling" / "config.json").write_text(json.dumps(_pooling_config(config.pooling, hidden, config.pool_prompt), indent=2))
+        modules.append({"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"})
     if truncate_dim is not None:
         dense = out / "2_Dense"
         dense.mkdir()
@@ -311,8 +321,9 @@ def export(
     write_folder(encoder, tmp, dtype, truncate_dim, linear)
     diff = 0.0
     if check:
-        got_queries = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.query_prompt, trust_remote_code)
-        got_docs = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.document_prompt, trust_remote_code)
+        runs_code = trust_remote_code or encoder.config.pooling == "latent_attention"  # its own module file, just written
+        got_queries = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.query_prompt, runs_code)
+        got_docs = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.document_prompt, runs_code)
         diff = max((got_queries - expected_queries).abs().max().item(), (got_docs - expected_docs).abs().max().item())
         if diff > PARITY_TOLERANCE[dtype]:
             raise ExportError(

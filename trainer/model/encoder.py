@@ -263,6 +263,12 @@ def saved_model_config(path: str) -> ModelConfig | None:
             raise ModelError(f"{modules_file}: expected a list of modules, each with a 'type'")
         kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
         config = ModelConfig(name_or_path=path, normalize="Normalize" in kinds)
+        if "LatentAttentionPooling" in kinds:
+            from trainer.config import LatentAttentionConfig
+
+            options = _read_json(folder / str(kinds["LatentAttentionPooling"].get("path", "")) / "config.json", path)
+            config.pooling = "latent_attention"
+            config.latent_attention = LatentAttentionConfig(**{k: options[k] for k in ("num_latents", "num_heads", "mlp_dim") if k in options})
         if "Pooling" in kinds:
             pooling = _read_json(folder / str(kinds["Pooling"].get("path", "")) / "config.json", path)
             if not isinstance(pooling, dict):
@@ -441,6 +447,21 @@ def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:
         backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
+def latent_attention_weights(folder: Path) -> Path | None:
+    """Where a model folder keeps latent-attention weights: embtrain's file, or the module's
+    folder in an exported sentence-transformers folder; None when it has none."""
+    from trainer.model.latent_attention import ST_TYPE, WEIGHTS_FILE
+
+    if (folder / WEIGHTS_FILE).is_file():
+        return folder / WEIGHTS_FILE
+    modules_file = folder / "modules.json"
+    if modules_file.is_file():
+        for module in _read_json(modules_file, str(folder)):
+            if isinstance(module, dict) and module.get("type") == ST_TYPE:
+                return folder / str(module.get("path", "")) / "model.safetensors"
+    return None
+
+
 def without_prompt(mask: torch.Tensor, prompt_length: torch.Tensor) -> torch.Tensor:
     """The attention mask (B, L) with each row's first `prompt_length` real tokens zeroed, for
     pooling only (under left padding the real tokens start after the padding)."""
@@ -455,7 +476,13 @@ class Encoder(torch.nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.config = config
-        self.pool = POOLING[config.pooling]
+        if config.pooling == "latent_attention":  # a trained module (its weights: `load_pooling_weights`)
+            from trainer.model.latent_attention import LatentAttention
+
+            options = config.latent_attention
+            self.pool = LatentAttention(backbone.config.hidden_size, options.num_latents, options.num_heads, options.mlp_dim)
+        else:
+            self.pool = POOLING[config.pooling]
 
     @classmethod
     def from_config(cls, config: ModelConfig, merge_adapter: bool = True) -> "Encoder":
@@ -479,7 +506,26 @@ class Encoder(torch.nn.Module):
         hidden = getattr(backbone.config, "hidden_size", None)
         if config.embedding_dim is not None and hidden is not None and config.embedding_dim > hidden:
             raise ModelError(f"model.embedding_dim {config.embedding_dim} is more than {config.name_or_path}'s {hidden} dimensions")
-        return cls(backbone, tokenizer, config)
+        if config.pooling == "latent_attention" and hidden % config.latent_attention.num_heads:
+            raise ModelError(f"model.latent_attention.num_heads {config.latent_attention.num_heads} must divide {config.name_or_path}'s hidden size {hidden}")
+        encoder = cls(backbone, tokenizer, config)
+        if config.pooling == "latent_attention":
+            encoder.load_pooling_weights(locate_model(config.name_or_path))
+        return encoder
+
+    def load_pooling_weights(self, folder: str) -> None:
+        """The trained latent-attention weights a model folder holds (embtrain's or an exported
+        one); a model without them starts the module at random (seeded by the recipe)."""
+        from safetensors.torch import load_file
+
+        path = latent_attention_weights(Path(folder))
+        if path is None:
+            return
+        try:
+            weights = {k.removeprefix("pool."): v for k, v in load_file(str(path)).items()}  # exported: the ST module's keys
+            self.pool.load_state_dict(weights)
+        except LOAD_ERRORS as exc:
+            raise ModelError(f"model {self.config.name_or_path!r}: cannot load the latent-attention weights {path}: {exc}") from None
 
     @property
     def dim(self) -> int:
@@ -562,6 +608,7 @@ class Encoder(torch.nn.Module):
         from trainer.model.lora import ADAPTER_BASE, is_lora, save_adapter
 
         folder = Path(folder)
+        full_state = state_dict
         if state_dict is not None:
             state_dict = {k.removeprefix("backbone."): v for k, v in state_dict.items() if k.startswith("backbone.")}
         settings = {k: v for k, v in asdict(self.config).items() if k not in NOT_SAVED}
@@ -577,5 +624,14 @@ class Encoder(torch.nn.Module):
             settings["lora"] = None  # loading the folder applies its adapter; it adds no new one
         else:
             self.backbone.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        if isinstance(self.pool, torch.nn.Module):  # latent attention: its trained weights
+            from safetensors.torch import save_file
+
+            from trainer.model.latent_attention import WEIGHTS_FILE
+
+            weights = self.pool.state_dict() if full_state is None else {
+                k.removeprefix("pool."): v for k, v in full_state.items() if k.startswith("pool.")
+            }
+            save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_FILE))
         self.tokenizer.save_pretrained(folder)
         (folder / ENCODER_FILE).write_text(json.dumps(settings, indent=2))
