@@ -119,6 +119,9 @@ class ModelConfig:
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     """Attention kernel: null picks flash_attention_2 when the flash-attn package is installed
     and a GPU is there, else PyTorch's sdpa (transformers' default where the model supports it)."""
+    bidirectional: bool = False
+    """Decoders: switch off the causal mask, so that every token attends to the whole text
+    (NV-Embed, LLM2Vec); saved with the model and reproduced by the exported folder."""
     lora: LoraConfig | None = None
     """Train low-rank adapters instead of every weight (`lora: {}` for the defaults); null: full
     fine-tuning. With a model folder that holds an adapter (a LoRA run's checkpoint), that adapter
@@ -133,6 +136,8 @@ class ModelConfig:
                 raise FieldError("pool_prompt", "latent_attention pooling pools every token; pool_prompt: false is for the other poolings")
         elif self.latent_attention is not None:
             raise FieldError("latent_attention", f"set with pooling: latent_attention, not {self.pooling}")
+        if self.bidirectional and self.attn_implementation == "flash_attention_2":
+            raise FieldError("attn_implementation", "flash_attention_2 takes no full attention mask; use sdpa with bidirectional: true")
         if self.embedding_dim is not None and self.embedding_dim < 1:
             raise FieldError("embedding_dim", f"must be >= 1 or null, got {self.embedding_dim}")
         if self.num_layers is not None and self.num_layers < 1:

@@ -176,6 +176,11 @@ def write_folder(
         st_config["model_args"] = {"add_pooling_layer": False}  # trained without the unused pooler head
     (out / "sentence_bert_config.json").write_text(json.dumps(st_config, indent=2))
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    if config.bidirectional:  # the trainer's own switch, run by sentence-transformers when it loads the model
+        from trainer.model import bidirectional
+
+        shutil.copyfile(bidirectional.__file__, out / "bidirectional.py")
+        modules[0]["type"] = bidirectional.ST_TYPE
     if config.pooling == "latent_attention":  # the trainer's own module file, run by sentence-transformers
         from trainer.model import latent_attention
 
@@ -321,7 +326,8 @@ def export(
     write_folder(encoder, tmp, dtype, truncate_dim, linear)
     diff = 0.0
     if check:
-        runs_code = trust_remote_code or encoder.config.pooling == "latent_attention"  # its own module file, just written
+        # the folder's own module files, just written
+        runs_code = trust_remote_code or encoder.config.pooling == "latent_attention" or encoder.config.bidirectional
         got_queries = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.query_prompt, runs_code)
         got_docs = exported_embeddings(tmp, PARITY_TEXTS, encoder.config.document_prompt, runs_code)
         diff = max((got_queries - expected_queries).abs().max().item(), (got_docs - expected_docs).abs().max().item())

@@ -262,7 +262,7 @@ def saved_model_config(path: str) -> ModelConfig | None:
         if not (isinstance(modules, list) and all(isinstance(m, dict) and isinstance(m.get("type"), str) for m in modules)):
             raise ModelError(f"{modules_file}: expected a list of modules, each with a 'type'")
         kinds = {m["type"].rsplit(".", 1)[-1]: m for m in modules}
-        config = ModelConfig(name_or_path=path, normalize="Normalize" in kinds)
+        config = ModelConfig(name_or_path=path, normalize="Normalize" in kinds, bidirectional="BidirectionalTransformer" in kinds)
         if "LatentAttentionPooling" in kinds:
             from trainer.config import LatentAttentionConfig
 
@@ -322,14 +322,15 @@ def truncation_dim(dense: Path, name: str) -> int:
     return int(weight.shape[0])
 
 
-def attention_kernel(requested: str | None) -> str | None:
+def attention_kernel(requested: str | None, bidirectional: bool = False) -> str | None:
     """`model.attn_implementation`, or for null flash_attention_2 where flash-attn and a GPU are
-    there; None leaves the choice to transformers (sdpa where the model supports it)."""
+    there (not for bidirectional attention, which needs a full mask); None leaves the choice to
+    transformers (sdpa where the model supports it)."""
     if requested is not None:
         if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
             raise ModelError("model.attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn)")
         return requested
-    if importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
+    if not bidirectional and importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
         return "flash_attention_2"
     return None
 
@@ -345,7 +346,7 @@ def _load_backbone(path: str, config: ModelConfig) -> torch.nn.Module:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     options = {"output_loading_info": True, "trust_remote_code": config.trust_remote_code, "dtype": config.torch_dtype}
-    kernel = attention_kernel(config.attn_implementation)
+    kernel = attention_kernel(config.attn_implementation, config.bidirectional)
     if kernel is not None:
         options["attn_implementation"] = kernel
     try:
@@ -497,6 +498,11 @@ class Encoder(torch.nn.Module):
             tokenizer.pad_token = tokenizer.eos_token
         if config.pooling == "last_token":
             end_with_eos(tokenizer, config.name_or_path)
+        if config.bidirectional:
+            from trainer.model.bidirectional import make_bidirectional
+
+            if not make_bidirectional(backbone):
+                raise ModelError(f"model.bidirectional: {config.name_or_path} has no causal attention to switch off")
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(backbone)
         if config.lora is not None:
