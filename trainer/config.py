@@ -132,8 +132,6 @@ class ModelConfig:
             raise FieldError("max_seq_length", f"must be >= 1, got {self.max_seq_length}")
         if self.pooling == "latent_attention":
             self.latent_attention = self.latent_attention or LatentAttentionConfig()
-            if not self.pool_prompt:
-                raise FieldError("pool_prompt", "latent_attention pooling pools every token; pool_prompt: false is for the other poolings")
         elif self.latent_attention is not None:
             raise FieldError("latent_attention", f"set with pooling: latent_attention, not {self.pooling}")
         if self.bidirectional and self.attn_implementation == "flash_attention_2":

@@ -186,7 +186,8 @@ def write_folder(
 
         shutil.copyfile(latent_attention.__file__, out / "latent_attention.py")
         (out / "1_LatentAttention").mkdir()
-        (out / "1_LatentAttention" / "config.json").write_text(json.dumps(encoder.pool.settings(), indent=2))
+        settings = {**encoder.pool.settings(), "include_prompt": config.pool_prompt}
+        (out / "1_LatentAttention" / "config.json").write_text(json.dumps(settings, indent=2))
         save_file({f"pool.{k}": v.detach().to(DTYPES[dtype]).contiguous() for k, v in encoder.pool.state_dict().items()},
                   str(out / "1_LatentAttention" / "model.safetensors"))
         modules.append({"idx": 1, "name": "1", "path": "1_LatentAttention", "type": latent_attention.ST_TYPE})

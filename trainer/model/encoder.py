@@ -269,6 +269,7 @@ def saved_model_config(path: str) -> ModelConfig | None:
             options = _read_json(folder / str(kinds["LatentAttentionPooling"].get("path", "")) / "config.json", path)
             config.pooling = "latent_attention"
             config.latent_attention = LatentAttentionConfig(**{k: options[k] for k in ("num_latents", "num_heads", "mlp_dim") if k in options})
+            config.pool_prompt = bool(options.get("include_prompt", True))
         if "Pooling" in kinds:
             pooling = _read_json(folder / str(kinds["Pooling"].get("path", "")) / "config.json", path)
             if not isinstance(pooling, dict):

@@ -57,15 +57,25 @@ if Module is not None:
     class LatentAttentionPooling(Module):
         """Pooling module of a sentence-transformers folder: token embeddings to `sentence_embedding`."""
 
-        config_keys = ["hidden_size", "num_latents", "num_heads", "mlp_dim"]
+        config_keys = ["hidden_size", "num_latents", "num_heads", "mlp_dim", "include_prompt"]
 
-        def __init__(self, hidden_size: int, num_latents: int = 512, num_heads: int = 8, mlp_dim: int | None = None) -> None:
+        def __init__(
+            self, hidden_size: int, num_latents: int = 512, num_heads: int = 8, mlp_dim: int | None = None,
+            include_prompt: bool = True,
+        ) -> None:
             super().__init__()
             self.hidden_size, self.num_latents, self.num_heads, self.mlp_dim = hidden_size, num_latents, num_heads, mlp_dim
+            self.include_prompt = include_prompt
             self.pool = LatentAttention(hidden_size, num_latents, num_heads, mlp_dim)
 
         def forward(self, features: dict, **kwargs) -> dict:
-            features["sentence_embedding"] = self.pool(features["token_embeddings"], features["attention_mask"])
+            mask = features["attention_mask"]
+            if not self.include_prompt and "prompt_length" in features:  # instruction tokens are not pooled
+                length = torch.as_tensor(features["prompt_length"], device=mask.device).reshape(-1)[:1]
+                first = mask.long().argmax(dim=1)  # the first real token (left padding)
+                positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+                mask = mask * (positions >= (first + length).unsqueeze(1)).to(mask.dtype)
+            features["sentence_embedding"] = self.pool(features["token_embeddings"], mask)
             return features
 
         def get_sentence_embedding_dimension(self) -> int:

@@ -83,6 +83,21 @@ def test_trained_checkpointed_resumed_and_exported_with_parity(tmp_path, tiny_mo
     assert (again.encode(texts, is_query=True) - expected).abs().max().item() <= 1e-5
 
 
+def test_with_instruction_tokens_left_out_as_nv_embed_does(tmp_path, tiny_model):
+    from trainer.export.sentence_transformers_folder import export
+
+    config = ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, pooling="latent_attention", pool_prompt=False,
+                         query_prompt="what about ", latent_attention=LatentAttentionConfig(num_latents=4, num_heads=2))
+    encoder = Encoder.from_config(config).eval()
+    pooled = Encoder.from_config(ModelConfig(**{**config.__dict__, "pool_prompt": True})).eval()
+    pooled.pool.load_state_dict(encoder.pool.state_dict())
+    texts = ["apple river", "engine 12 and more"]
+    assert (encoder.encode(texts, is_query=True) - pooled.encode(texts, is_query=True)).abs().max() > 1e-3
+    encoder.save_pretrained(tmp_path / "trained")
+    assert export(tmp_path / "trained", tmp_path / "st").max_abs_diff <= 1e-5  # queries with the prompt, documents without
+    assert embedding_config(str(tmp_path / "st")).pool_prompt is False
+
+
 def test_on_a_decoder_in_half_precision(tmp_path):
     folder = tiny_decoder(tmp_path, "qwen2")
     encoder = Encoder.from_config(ModelConfig(name_or_path=str(folder), pooling="latent_attention", torch_dtype="bfloat16",
