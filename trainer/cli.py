@@ -35,6 +35,12 @@ def check_paths(recipe) -> list[str]:
             continue
         fmt = getattr(source, "format", "auto")
         if source.kind in ("pairs", "texts") and fmt != "stsb":
+            if Path(source.path).is_dir():
+                missing.append(
+                    f"data.train.{i}.path: {source.path} is a folder; a {source.kind} source reads a file "
+                    f"(or a glob such as {source.path}/*.jsonl)"
+                )
+                continue
             try:
                 fmt = resolve_format(source.path, fmt, texts=source.kind == "texts")
             except DataError as exc:
