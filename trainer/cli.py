@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = commands.add_parser("prep", help="data preparation tools (data_prep/)")
     tools = prep.add_subparsers(dest="tool", required=True)
-    from data_prep import embed, ingest, leakage, mine, score, student
+    from data_prep import decoder, embed, ingest, leakage, mine, score, student
 
     for name, module, help_text in (
         ("ingest", ingest, "check and normalise a training set (any format), remove duplicates and leaks"),
@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("score", score, "add a teacher's scores (embedding model or cross-encoder)"),
         ("student", student, "build a distillation student from chosen layers of a model"),
         ("embed", embed, "embed a recipe's training texts with its teachers ahead of training"),
+        ("decoder", decoder, "build a small random decoder (Qwen2, Llama, Mistral) to try decoder recipes"),
     ):
         tool = tools.add_parser(name, help=help_text)
         module.add_arguments(tool)

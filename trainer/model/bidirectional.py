@@ -62,9 +62,12 @@ def _full_attention_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> 
 
 
 try:  # the sentence-transformers module of an exported folder
-    from sentence_transformers.models import Transformer
-except ImportError:  # pragma: no cover - without sentence-transformers
-    Transformer = None
+    from sentence_transformers.base.modules import Transformer
+except ImportError:  # pragma: no cover - sentence-transformers before 6
+    try:
+        from sentence_transformers.models import Transformer
+    except ImportError:
+        Transformer = None
 
 if Transformer is not None:
 

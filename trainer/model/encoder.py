@@ -346,7 +346,11 @@ def _load_backbone(path: str, config: ModelConfig) -> torch.nn.Module:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    options = {"output_loading_info": True, "trust_remote_code": config.trust_remote_code, "dtype": config.torch_dtype}
+    import transformers
+    from packaging.version import Version
+
+    dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"  # renamed in 4.56
+    options = {"output_loading_info": True, "trust_remote_code": config.trust_remote_code, dtype_key: config.torch_dtype}
     kernel = attention_kernel(config.attn_implementation, config.bidirectional)
     if kernel is not None:
         options["attn_implementation"] = kernel
