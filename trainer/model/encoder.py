@@ -223,11 +223,12 @@ def end_with_eos(tokenizer, name: str) -> None:
     decoder embedders are trained, when the tokenizer does not add one itself (Qwen2 and Llama
     tokenizers do not). The setting is saved with the tokenizer, so exported folders add it too."""
     eos = tokenizer.eos_token_id
-    if eos is None or tokenizer("a")["input_ids"][-1] == eos:
+    ends_with_eos = lambda: tokenizer("a")["input_ids"][-1:] == [eos]  # noqa: E731
+    if eos is None or ends_with_eos():
         return
     if hasattr(tokenizer, "add_eos_token"):
         tokenizer.add_eos_token = True
-    if tokenizer("a")["input_ids"][-1] != eos:
+    if not ends_with_eos():
         print(
             f"warning: {name}: the tokenizer cannot be made to end texts with its end-of-sequence token "
             f"{tokenizer.eos_token!r}; last-token pooling reads each text's own last token",
