@@ -227,6 +227,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         base_model=args.base_model,
         datasets=args.datasets,
         step=saved_step(checkpoint),
+        keep_adapter=args.keep_adapter,
     )
     if args.no_check:
         print(f"exported {result.folder} (parity not checked)")

@@ -172,6 +172,14 @@ def describe_term(term: dict) -> str:
     return text
 
 
+def describe_lora(lora: dict, keep_adapter: bool) -> str:
+    targets = ", ".join(lora.get("target_modules") or []) or "every linear layer"
+    text = f"LoRA: rank {lora.get('rank')}, alpha {lora.get('alpha')}, on {targets}"
+    if lora.get("trainable_modules"):
+        text += f", with {', '.join(lora['trainable_modules'])} trained in full"
+    return text + ("; this folder holds the adapter (loads with peft)" if keep_adapter else "; merged into the base weights")
+
+
 def write_model_card(
     folder: Path,
     *,
@@ -187,6 +195,7 @@ def write_model_card(
     base_model: str | None = None,
     datasets: list[str] | None = None,
     step: int | None = None,
+    keep_adapter: bool = False,
 ) -> Path:
     """`step`: the step of the exported checkpoint; the card shows that step's evaluation (the
     last one up to it when the checkpoint was not evaluated) and says how many steps it trained."""
@@ -284,6 +293,7 @@ def write_model_card(
             "",
             f"- Data: {sources}; batch size {data.get('batch_size')}",
             f"- Loss: {losses}",
+            *([f"- {describe_lora(recipe['model']['lora'], keep_adapter)}"] if recipe.get("model", {}).get("lora") else []),
             f"- Optimiser: {recipe.get('optimizer', {}).get('kind')} lr {recipe.get('optimizer', {}).get('lr')}, "
             f"schedule {recipe.get('schedule', {}).get('kind')}; "
             + (f"{training.get('max_steps')} steps" if training.get("max_steps") else f"{training.get('epochs')} epochs"),

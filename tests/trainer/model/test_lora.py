@@ -87,6 +87,7 @@ def test_merged_export_matches_the_adapter_model_and_loads_without_peft(tmp_path
     assert main(["export", str(best), "--out", str(out)]) == 0
     assert "parity with the trainer's embeddings" in capsys.readouterr().out
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    assert "LoRA: rank 4, alpha 8.0, on every linear layer, with LayerNorm trained in full; merged" in (out / "README.md").read_text()
 
     texts = ["apple river engine", "a text never seen by the exporter"]
     expected = Encoder.from_config(embedding_config(str(best)), merge_adapter=False).encode(texts, is_query=True)
