@@ -117,8 +117,9 @@ class ModelConfig:
     precision), bfloat16 / float16 to hold a large decoder in half the memory (with LoRA, the
     frozen base; the adapters train in float32), or `auto`: the checkpoint's own."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
-    """Attention kernel: null picks flash_attention_2 when the flash-attn package is installed
-    and a GPU is there, else PyTorch's sdpa (transformers' default where the model supports it)."""
+    """Attention kernel: null is transformers' default (PyTorch's sdpa where the model supports
+    it); flash_attention_2 needs the flash-attn package, a GPU and half precision (mixed_precision
+    or torch_dtype)."""
     bidirectional: bool = False
     """Decoders: switch off the causal mask, so that every token attends to the whole text
     (NV-Embed, LLM2Vec); saved with the model and reproduced by the exported folder."""
@@ -134,6 +135,8 @@ class ModelConfig:
             self.latent_attention = self.latent_attention or LatentAttentionConfig()
         elif self.latent_attention is not None:
             raise FieldError("latent_attention", f"set with pooling: latent_attention, not {self.pooling}")
+        if not self.pool_prompt and self.pooling == "cls":
+            raise FieldError("pool_prompt", "cls pooling reads the first token, which is the prompt's; pool_prompt: false goes with mean, last_token or latent_attention")
         if self.bidirectional and self.attn_implementation == "flash_attention_2":
             raise FieldError("attn_implementation", "flash_attention_2 takes no full attention mask; use sdpa with bidirectional: true")
         if self.embedding_dim is not None and self.embedding_dim < 1:

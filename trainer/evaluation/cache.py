@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from trainer.config import EvalSetConfig, ModelConfig
-from trainer.model.encoder import resolve_model_path
+from trainer.model.encoder import latent_attention_weights, resolve_model_path
 
 CACHE_VERSION = 3
 
@@ -35,7 +35,7 @@ def _weights_digest(folder: Path) -> str | None:
     """The weights' content; for a LoRA adapter folder, with its settings (the base and its cut)
     and the base's own weights."""
     from trainer.model.encoder import ENCODER_FILE
-    from trainer.model.lora import adapter_base, holds_adapter
+    from trainer.model.lora import ADAPTER_CONFIG, adapter_base, holds_adapter
 
     files = sorted(p for p in folder.glob("*") if p.suffix in {".safetensors", ".bin"})
     if not files:
@@ -48,7 +48,8 @@ def _weights_digest(folder: Path) -> str | None:
     base_digest = _weights_digest(base) if base.is_dir() else None
     if base_digest is None:
         return None
-    return _files_digest(files + ([settings_file] if settings_file.exists() else [])) + base_digest
+    described = [f for f in (settings_file, folder / ADAPTER_CONFIG) if f.exists()]  # the base, the cut, alpha, targets
+    return _files_digest(files + described) + base_digest
 
 
 def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | None = None) -> str | None:
@@ -59,6 +60,8 @@ def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | Non
     weights = _weights_digest(folder)
     if weights is None:
         return None
+    if model.pooling == "latent_attention" and latent_attention_weights(folder) is None:
+        return None  # the module starts at random (seeded by the run): nothing stable to cache
     # only what changes the numbers: the files' content stands for their path, names are prefixes
     # every model setting but those that cannot change an embedding, so a new setting is keyed by default
     # (and `lora`: fresh adapters start as the identity, peft initialising B at zero)

@@ -291,6 +291,11 @@ def export(
     encoder = load_checked(source, trust_remote_code, num_layers)
     if keep_adapter and not is_lora(encoder.backbone):
         raise ExportError(f"--keep-adapter: {source} holds no LoRA adapter (it was trained in full)")
+    special = [name for name, on in (("latent_attention pooling", encoder.config.pooling == "latent_attention"),
+                                     ("bidirectional attention", encoder.config.bidirectional),
+                                     ("pool_prompt: false", not encoder.config.pool_prompt)) if on]
+    if onnx and special:
+        raise ExportError(f"--onnx writes the backbone and standard pooling only; this model has {', '.join(special)}")
     if keep_adapter and (onnx or num_layers is not None):
         raise ExportError("--keep-adapter writes the adapter for the full base model; --onnx and --layers need it merged")
     if truncate_dim is not None and not 0 < truncate_dim <= encoder.dim:

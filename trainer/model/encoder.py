@@ -324,17 +324,13 @@ def truncation_dim(dense: Path, name: str) -> int:
     return int(weight.shape[0])
 
 
-def attention_kernel(requested: str | None, bidirectional: bool = False) -> str | None:
-    """`model.attn_implementation`, or for null flash_attention_2 where flash-attn and a GPU are
-    there (not for bidirectional attention, which needs a full mask); None leaves the choice to
-    transformers (sdpa where the model supports it)."""
-    if requested is not None:
-        if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-            raise ModelError("model.attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn)")
-        return requested
-    if not bidirectional and importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available():
-        return "flash_attention_2"
-    return None
+def attention_kernel(requested: str | None) -> str | None:
+    """`model.attn_implementation`; None leaves the choice to transformers (sdpa where the model
+    supports it). flash_attention_2 is never picked unasked: many encoders lack it, it takes no
+    float32, and evaluation and export's parity check run the same settings on the CPU."""
+    if requested == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelError("model.attn_implementation flash_attention_2 needs the flash-attn package (pip install flash-attn)")
+    return requested
 
 
 def _load_backbone(path: str, config: ModelConfig) -> torch.nn.Module:
@@ -352,7 +348,7 @@ def _load_backbone(path: str, config: ModelConfig) -> torch.nn.Module:
 
     dtype_key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"  # renamed in 4.56
     options = {"output_loading_info": True, "trust_remote_code": config.trust_remote_code, dtype_key: config.torch_dtype}
-    kernel = attention_kernel(config.attn_implementation, config.bidirectional)
+    kernel = attention_kernel(config.attn_implementation)
     if kernel is not None:
         options["attn_implementation"] = kernel
     try:
@@ -388,7 +384,7 @@ def build_backbone(config: ModelConfig, merge_adapter: bool = True) -> torch.nn.
         base_config = ModelConfig(
             name_or_path=base["name_or_path"], layers=base.get("layers"), num_layers=base.get("num_layers"),
             trust_remote_code=config.trust_remote_code, torch_dtype=config.torch_dtype,
-            attn_implementation=config.attn_implementation,
+            attn_implementation=config.attn_implementation, bidirectional=config.bidirectional,
         )
         try:
             backbone = load_adapter(build_backbone(base_config), path, merge_adapter)

@@ -119,3 +119,29 @@ def test_the_key_changes_with_every_setting_that_changes_embeddings(words_model,
     keys = {cache_key(replace(base, **change), eval_set) for change in changed}
     assert key not in keys and len(keys) == len(changed)
     assert cache_key(replace(base, gradient_checkpointing=True), eval_set) == key
+
+
+def test_the_key_of_lora_and_latent_attention_models(tmp_path, tiny_model, tiny_beir):
+    import json
+
+    from trainer.config import LatentAttentionConfig, LoraConfig, ModelConfig, RetrievalEvalConfig
+    from trainer.evaluation.cache import cache_key
+    from trainer.model.encoder import Encoder
+
+    eval_set = RetrievalEvalConfig(kind="retrieval", name="t", path=str(tiny_beir))
+    plain = ModelConfig(name_or_path=str(tiny_model), max_seq_length=16)
+    base = cache_key(plain, eval_set)
+    # fresh adapters start as the identity: the base model's scores hold
+    assert cache_key(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, lora=LoraConfig()), eval_set) == base
+    # a fresh latent-attention module is random: nothing to cache
+    fresh = ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, pooling="latent_attention",
+                        latent_attention=LatentAttentionConfig(num_latents=4, num_heads=2))
+    assert cache_key(fresh, eval_set) is None
+    # a saved adapter is keyed by its weights, its settings (alpha, targets) and its base
+    Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, lora=LoraConfig(rank=2))).save_pretrained(tmp_path / "a")
+    adapter = ModelConfig(name_or_path=str(tmp_path / "a"), max_seq_length=16)
+    first = cache_key(adapter, eval_set)
+    assert first is not None and first != base
+    settings_file = tmp_path / "a" / "adapter_config.json"
+    settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "lora_alpha": 64}))
+    assert cache_key(adapter, eval_set) != first

@@ -1,5 +1,6 @@
 """Saving and loading the encoder."""
 
+import pytest
 import torch
 
 from trainer.config import ModelConfig
@@ -44,3 +45,10 @@ def test_prompt_tokens_can_be_left_out_of_pooling_as_sentence_transformers_does(
     exported = SentenceTransformer(str(tmp_path / "st"), device="cpu")
     assert not exported[1].include_prompt
     assert embedding_config(str(tmp_path / "st")).pool_prompt is False
+
+
+def test_settings_that_cannot_be_served_alike_are_refused(tmp_path, tiny_model):
+    from trainer.schema import FieldError
+
+    with pytest.raises(FieldError, match="cls pooling reads the first token"):
+        ModelConfig(name_or_path="x", pooling="cls", pool_prompt=False)
