@@ -106,7 +106,7 @@ def locate_model(name_or_path: str) -> str:
             raise ModelError(
                 f"model {name_or_path!r}: {folder} is a file; give a model folder, a checkpoint step_N folder or a Hub id"
             )
-        if not (folder / "config.json").is_file():
+        if not (folder / "config.json").is_file() and not (folder / "adapter_config.json").is_file():
             held = sorted(p.name for p in folder.iterdir())
             contents = f"it holds {', '.join(held[:6])}{', ...' if len(held) > 6 else ''}" if held else "it is empty"
             raise ModelError(f"model {name_or_path!r}: {folder} is not a model folder: no config.json ({contents})")
@@ -153,10 +153,15 @@ def read_backbone_config(config: ModelConfig):
     from transformers import AutoConfig
 
     path = locate_model(config.name_or_path)
+    source = path
+    if not (Path(path) / "config.json").is_file() and Path(path).is_dir():  # an exported adapter: its base's config
+        from trainer.model.lora import adapter_base
+
+        source = resolve_model_path(adapter_base(path, {})["name_or_path"])
     try:
-        return path, AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        return path, AutoConfig.from_pretrained(source, trust_remote_code=config.trust_remote_code)
     except LOAD_ERRORS as exc:
-        raise load_error(config.name_or_path, path, "config", exc) from None
+        raise load_error(config.name_or_path, source, "config", exc) from None
 
 
 def check_max_seq_length(config: ModelConfig, backbone_config) -> None:

@@ -109,6 +109,8 @@ def test_merged_export_matches_the_adapter_model_and_loads_without_peft(tmp_path
 
     again = SentenceTransformer(str(kept), device="cpu").encode(texts, convert_to_tensor=True)
     assert (again.cpu() - expected).abs().max().item() <= 1e-5
+    read_back = Encoder.from_config(embedding_config(str(kept)))  # embtrain eval reads the adapter folder too
+    assert (read_back.encode(texts, is_query=True) - expected).abs().max().item() <= 1e-5
 
 
 def test_a_lora_checkpoint_evaluates_and_starts_a_new_run_merged(tmp_path, tiny_model, pairs_file, tiny_beir, capsys):
