@@ -15,6 +15,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -673,7 +674,12 @@ def module_cache(tmp_path, monkeypatch) -> Path:
     import transformers.dynamic_module_utils as dynamic
 
     cache = tmp_path / "modules"
+    cache.mkdir()
     monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(cache))
+    # An earlier test may have imported model code from another cache: its package would shadow this one.
+    for name in [name for name in sys.modules if name.split(".")[0] == "transformers_modules"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(cache))
     return cache
 
 
@@ -693,7 +699,7 @@ def test_model_code_is_refused_without_a_prompt_and_runs_when_trusted(assets, tm
         assert main(argv) in (1, 2), argv
         captured = capsys.readouterr()
         assert "--trust-remote-code" in captured.err and "Do you wish" not in captured.out + captured.err, argv
-    assert not module_cache.exists()  # no code was even copied for import
+    assert not list(module_cache.rglob("*.py"))  # no code was even copied for import
 
     assert main([*commands[0], "--trust-remote-code"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
