@@ -405,6 +405,9 @@ class EvalSetConfig:
     `@register_kind`, and its evaluator in `trainer/evaluation/__init__.py` (`EVALUATORS`)."""
 
     registry: ClassVar[dict[str, type["EvalSetConfig"]]] = {}
+    query_prompt: str | None = None
+    """Query prefix for this set (its task's instruction), instead of model.query_prompt; an STS
+    set encodes both sentences as queries. null: the model's."""
 
     def files(self) -> list[Path]:
         """The files the set reads (their content keys the evaluation cache)."""
@@ -428,6 +431,8 @@ class RetrievalEvalConfig(EvalSetConfig):
     """Texts per encoding batch, >= 1."""
     max_queries: int | None = None
     """Evaluate only the first N queries (quick checks); null: all of them."""
+    document_prompt: str | None = None
+    """Document prefix for this set's corpus, instead of model.document_prompt; null: the model's."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

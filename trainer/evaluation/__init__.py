@@ -35,10 +35,13 @@ class MemoEncoder:
         self.inner = inner
         self.memo: dict[tuple, torch.Tensor] = {}
 
-    def encode(self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None) -> torch.Tensor:
-        key = (is_query, len(texts), hash(tuple(texts)))
+    def encode(
+        self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None,
+        prompt: str | None = None,
+    ) -> torch.Tensor:
+        key = (is_query, prompt, len(texts), hash(tuple(texts)))
         if key not in self.memo:
-            self.memo[key] = self.inner.encode(texts, is_query=is_query, batch_size=batch_size, progress=progress)
+            self.memo[key] = self.inner.encode(texts, is_query=is_query, batch_size=batch_size, progress=progress, prompt=prompt)
         return self.memo[key]
 
 
@@ -48,8 +51,11 @@ class CutEncoder:
     def __init__(self, inner: TextEncoder, dim: int, normalize: bool) -> None:
         self.inner, self.dim, self.normalize = inner, dim, normalize
 
-    def encode(self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None) -> torch.Tensor:
-        embeddings = self.inner.encode(texts, is_query=is_query, batch_size=batch_size, progress=progress)
+    def encode(
+        self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None,
+        prompt: str | None = None,
+    ) -> torch.Tensor:
+        embeddings = self.inner.encode(texts, is_query=is_query, batch_size=batch_size, progress=progress, prompt=prompt)
         if embeddings.shape[-1] < self.dim:
             raise ValueError(f"evaluation.dims: {self.dim} is more than the model's {embeddings.shape[-1]} dimensions")
         cut = embeddings[:, : self.dim]

@@ -44,12 +44,14 @@ class RetrievalEvaluator:
             is_query=False,
             batch_size=self.config.batch_size,
             progress=f"{name}: corpus",
+            prompt=self.config.document_prompt,
         )
         queries = encoder.encode(
             [self.data.queries[q] for q in self.query_ids],
             is_query=True,
             batch_size=self.config.batch_size,
             progress=f"{name}: queries",
+            prompt=self.config.query_prompt,
         )
         _, top = exact_search(queries, docs, top_k=100)
         ranked = {q: [self.doc_ids[i] for i in row.tolist()] for q, row in zip(self.query_ids, top)}

@@ -25,7 +25,8 @@ class TextEncoder(Protocol):
     """What the evaluators need: `Encoder.encode`'s signature."""
 
     def encode(
-        self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None
+        self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None,
+        prompt: str | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -47,12 +48,13 @@ class ShardedEncoder:
         self.module = module
 
     def encode(
-        self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None
+        self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None,
+        prompt: str | None = None,
     ) -> torch.Tensor:
         """Embeddings (N, H) in float32 on the CPU on the main process (zeros on the others)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         progress = progress if self.accelerator.is_main_process else None
-        options = {"is_query": is_query, "batch_size": batch_size, "progress": progress}
+        options = {"is_query": is_query, "batch_size": batch_size, "progress": progress, "prompt": prompt}
         if self.module is not None:  # FSDP1: the wrapper runs the forward (see `forward_module`)
             options["module"] = self.module
         if world == 1:

@@ -72,7 +72,8 @@ class STSEvaluator:
 
     def __call__(self, encoder: TextEncoder) -> dict[str, float]:
         # STS pairs are symmetric: both sides are encoded as queries (with the query prompt)
-        e1 = encoder.encode(self.sentences1, is_query=True, batch_size=self.config.batch_size)
-        e2 = encoder.encode(self.sentences2, is_query=True, batch_size=self.config.batch_size)
+        options = {"is_query": True, "batch_size": self.config.batch_size, "prompt": self.config.query_prompt}
+        e1 = encoder.encode(self.sentences1, **options)
+        e2 = encoder.encode(self.sentences2, **options)
         cosine = F.cosine_similarity(e1, e2, dim=-1)
         return {"spearman": spearman(cosine.tolist(), self.scores)}

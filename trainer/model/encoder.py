@@ -591,13 +591,16 @@ class Encoder(torch.nn.Module):
         batch_size: int = 64,
         progress: str | None = None,
         module: torch.nn.Module | None = None,
+        prompt: str | None = None,
     ) -> torch.Tensor:
-        """Embeddings (N, H) in float32 on the CPU, with the query or document prompt added.
+        """Embeddings (N, H) in float32 on the CPU, with the query or document prompt added
+        (`prompt` instead, when given: an evaluation set's own instruction).
 
         Texts are sorted by length so that batches carry little padding. `module` is called
         instead of this encoder when given: FSDP1's wrapper, whose forward gathers the sharded
         parameters."""
-        prompt = self.config.query_prompt if is_query else self.config.document_prompt
+        if prompt is None:
+            prompt = self.config.query_prompt if is_query else self.config.document_prompt
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         device = next(self.parameters()).device
         was_training = self.training
