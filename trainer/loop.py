@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from trainer.model.cross_encoder import CrossEncoderScorer
 from trainer.model.embedding_cache import CachedEncoder, EmbeddingCache
 from trainer.model.frozen import cache_identity, cache_name, frozen_key, load_frozen
 from trainer.model.lora import describe_parameters, is_lora, keep_trainable_in_checkpoints
+from trainer.model.sub_batches import SubBatcher
 from trainer.preemption import PreemptionWatch
 from trainer.progress import progress_bar
 from trainer.run_dir import (
@@ -186,6 +187,8 @@ class Model:
     """Earlier layers whose embeddings the loss reads (2D Matryoshka)."""
     trainable_only_checkpoints: bool = False
     """The resume state holds only the encoder's trainable parameters (LoRA, without DeepSpeed or FSDP)."""
+    split: SubBatcher = field(default_factory=SubBatcher)
+    """How the step cuts each column of a batch into sub-batches; counts the tokens processed."""
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.encoder.parameters()) + self.loss_parameters
@@ -313,7 +316,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
 
     # ---------------------------------------------------------------- train
     model.encoder.train()
-    meter = LossMeter(accelerator.device)
+    meter = LossMeter(accelerator.device, model.split)
     nonfinite = NonFiniteGuard(training.nonfinite, training.nonfinite_max_consecutive, optimizer, state, accelerator)
 
     def check_nonfinite() -> None:
@@ -558,7 +561,8 @@ def prepare_model(
     )
     if trainable_only:
         keep_trainable_in_checkpoints(accelerator, encoder)
-    model = Model(encoder, loss_fn, frozen, loss_parameters, loss_fn.layer_indices(), trainable_only)
+    split = SubBatcher(sort=recipe.training.sort_by_length, max_tokens=recipe.training.max_tokens_per_forward)
+    model = Model(encoder, loss_fn, frozen, loss_parameters, loss_fn.layer_indices(), trainable_only, split)
     return model, optimizer, scheduler
 
 
@@ -568,7 +572,7 @@ def train_step(
     """Forward and backward of one batch, plain or cached."""
     training = recipe.training
     cross_device = training.cross_device_negatives and accelerator.num_processes > 1
-    options = {"frozen": model.frozen, "normalized": recipe.model.normalize, "layers": model.layers}
+    options = {"frozen": model.frozen, "normalized": recipe.model.normalize, "layers": model.layers, "split": model.split}
     if training.grad_cache_chunk_size is None:
         return plain_step(model.encoder, model.loss_fn, batch, accelerator.backward, cross_device, **options)
     return cached_step(
@@ -581,8 +585,9 @@ class LossMeter:
     """Means of the finite losses (and each term) over a logging interval, summed on the device,
     and the pairs per second since the clock was last started."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, split: SubBatcher | None = None) -> None:
         self.device = device
+        self.split = split
         self.reset()
         self.restart_clock()
 
@@ -594,6 +599,8 @@ class LossMeter:
 
     def restart_clock(self) -> None:
         self.started, self.pairs = time.perf_counter(), 0
+        if self.split is not None:
+            self.split.take_counts()
 
     def add(self, loss: torch.Tensor, parts: dict[str, torch.Tensor], pairs: int) -> None:
         finite = torch.isfinite(loss)
@@ -605,10 +612,16 @@ class LossMeter:
         self.pairs += pairs
 
     def flush(self, lr: float, loss_fn: torch.nn.Module, nonfinite_steps: int) -> dict[str, float | None]:
-        """The interval's values for the log (one host sync), then starts a new interval."""
+        """The interval's values for the log (one host sync), then starts a new interval.
+        Tokens are this process's: real ones per second, and real / processed (padding efficiency)."""
         count = self.count.item()
         mean = lambda total: (total / count).item() if count else None  # noqa: E731 - null: all non-finite
-        logged = {"loss": mean(self.total), "lr": lr, "pairs_per_s": self.pairs / (time.perf_counter() - self.started)}
+        seconds = time.perf_counter() - self.started
+        logged = {"loss": mean(self.total), "lr": lr, "pairs_per_s": self.pairs / seconds}
+        if self.split is not None:
+            real, padded = self.split.real_tokens, self.split.padded_tokens
+            if padded:
+                logged.update(tokens_per_s=real / seconds, padding_efficiency=real / padded)
         if len(self.parts) > 1 or len(self.parts) < len(getattr(loss_fn, "module", loss_fn).names):
             for name, total in self.parts.items():
                 seen = self.part_counts[name].item()
@@ -617,6 +630,7 @@ class LossMeter:
         if nonfinite_steps:
             logged["nonfinite_steps"] = nonfinite_steps
         self.reset()
+        self.restart_clock()
         return logged
 
 

@@ -18,10 +18,11 @@ import torch
 from trainer.data.collate import ContrastiveBatch
 from trainer.losses import WeightedLoss
 from trainer.losses.distributed import local_rows, world_size
-from trainer.losses.gradcache import embed_without_grad, split_features
+from trainer.losses.gradcache import embed_without_grad
 from trainer.losses.inputs import Embeddings, LossInput
 from trainer.model.cross_encoder import CrossEncoderScorer
 from trainer.model.frozen import embed_frozen
+from trainer.model.sub_batches import SubBatcher, embed_in_sub_batches
 
 Backward = Callable[..., None]
 LossFn = Callable[[LossInput], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -98,10 +99,15 @@ def plain_step(
     frozen: dict[str, torch.nn.Module] | None = None,
     normalized: bool = True,
     layers: tuple[int, ...] = (),
+    split: SubBatcher | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Each column (queries, documents) is embedded in length-sorted sub-batches (`split`)."""
     embed = partial(encoder, layers=layers) if layers else encoder
-    query = embed(batch.queries)  # (B, D), or (B, 1+K, D) with layers
-    documents = None if batch.documents is None else embed(batch.documents)  # (B*(1+N), D), or (B*(1+N), 1+K, D)
+    split = split or SubBatcher()
+    query = embed_in_sub_batches(embed, split(batch.queries))  # (B, D), or (B, 1+K, D) with layers
+    documents = None  # (B*(1+N), D), or (B*(1+N), 1+K, D)
+    if batch.documents is not None:
+        documents = embed_in_sub_batches(embed, split(batch.documents))
     inputs = loss_input(batch, query, documents, frozen or {}, normalized, layers=layers)
     if cross_device:
         inputs = inputs.gather()  # (W*B, ...) for every field
@@ -122,15 +128,20 @@ def cached_step(
     normalized: bool = True,
     loss_parameters: list[torch.nn.Parameter] | None = None,
     layers: tuple[int, ...] = (),
+    split: SubBatcher | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The chunks are length-sorted sub-batches of at most `chunk_size` texts (`split`)."""
     embed = partial(encoder, layers=layers) if layers else encoder
+    split = split or SubBatcher()
     device = batch.queries["input_ids"].device
-    query_chunks = split_features(batch.queries, chunk_size)
-    document_chunks = [] if batch.documents is None else split_features(batch.documents, chunk_size)
-    query, query_states = embed_without_grad(embed, query_chunks, device)
+    query_split = split(batch.queries, max_rows=chunk_size)
+    document_split = None if batch.documents is None else split(batch.documents, max_rows=chunk_size)
+    query, query_states = embed_without_grad(embed, query_split.chunks, device)
+    query = query_split.restore(query)
     documents, document_states = None, []
-    if document_chunks:
-        documents, document_states = embed_without_grad(embed, document_chunks, device)
+    if document_split is not None:
+        documents, document_states = embed_without_grad(embed, document_split.chunks, device)
+        documents = document_split.restore(documents)
     inputs = loss_input(batch, query, documents, frozen or {}, normalized, chunk_size, layers)
 
     # the loss and its gradient with respect to the (gathered) embeddings, earlier layers' included
@@ -157,9 +168,10 @@ def cached_step(
             document_grads.append(torch.cat([mine[1]] + ([mine[2].reshape(-1, mine[2].shape[-1])] if count == 3 else [])))
 
     # replay each chunk with gradient; gradients are synchronised once, after the last chunk
-    chunks = list(zip(query_chunks, query_states, _row_slices(_per_text(query_grads, layers), query_chunks)))
-    if document_chunks:
-        chunks += list(zip(document_chunks, document_states, _row_slices(_per_text(document_grads, layers), document_chunks)))
+    chunks = list(zip(query_split.chunks, query_states, query_split.split(query_split.sort(_per_text(query_grads, layers)))))
+    if document_split is not None:
+        document_grad = document_split.sort(_per_text(document_grads, layers))
+        chunks += list(zip(document_split.chunks, document_states, document_split.split(document_grad)))
     for index, (chunk, state, grad) in enumerate(chunks):
         last = index == len(chunks) - 1
         with (nullcontext() if last else no_sync()), state.replay():
@@ -172,7 +184,3 @@ def _per_text(grads: list[torch.Tensor], layers: tuple[int, ...]) -> torch.Tenso
     """One gradient per text: (T, D), or (T, 1+K, D) stacked over the layers the encoder returns."""
     return torch.stack(grads, dim=1) if layers else grads[0]
 
-
-def _row_slices(grad: torch.Tensor, chunks: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-    sizes = [c["input_ids"].shape[0] for c in chunks]
-    return list(torch.split(grad, sizes))

@@ -15,8 +15,9 @@ from trainer.config import InfoNCEConfig, ModelConfig
 from trainer.data.collate import Collator
 from trainer.data.examples import Example
 from trainer.losses import LossContext, LossInput, build_loss
-from trainer.losses.gradcache import embed_without_grad, split_features
+from trainer.losses.gradcache import embed_without_grad
 from trainer.model.encoder import Encoder, enable_gradient_checkpointing
+from trainer.model.sub_batches import SubBatcher
 from trainer.step import cached_step, plain_step, split_documents
 
 TOLERANCE = 1e-10  # float64 throughout
@@ -102,9 +103,11 @@ def test_cached_replays_dropout_exactly(tiny_model):
     batch = batch_of(encoder, examples())
     chunk = 3
     torch.manual_seed(11)
-    q_chunks, d_chunks = split_features(batch.queries, chunk), split_features(batch.documents, chunk)
-    query = torch.cat([encoder(c) for c in q_chunks])
-    positive, negatives = split_documents(torch.cat([encoder(c) for c in d_chunks]), batch.size, batch.num_negatives)
+    q_split, d_split = SubBatcher()(batch.queries, max_rows=chunk), SubBatcher()(batch.documents, max_rows=chunk)
+    q_chunks = q_split.chunks
+    query = q_split.restore(torch.cat([encoder(c) for c in q_chunks]))
+    documents = d_split.restore(torch.cat([encoder(c) for c in d_split.chunks]))
+    positive, negatives = split_documents(documents, batch.size, batch.num_negatives)
     reference_loss, _ = LOSS(LossInput.of(query, positive, negatives))
     reference_loss.backward()
     reference = grads(encoder)

@@ -40,19 +40,6 @@ class RngState:
             yield
 
 
-def split_features(features: Features, chunk_size: int) -> list[Features]:
-    """Row chunks of tokenised texts, each trimmed to its own longest text."""
-    total = features["input_ids"].shape[0]
-    chunks = []
-    for start in range(0, total, chunk_size):
-        chunk = {k: v[start : start + chunk_size] for k, v in features.items()}
-        length = int(chunk["attention_mask"].sum(dim=1).max())
-        if not chunk["attention_mask"][:, length:].any():  # right padding: drop the all-padding tail
-            chunk = {k: v[:, :length] if v.ndim == 2 else v for k, v in chunk.items()}  # (B,) extras stay
-        chunks.append(chunk)
-    return chunks
-
-
 def embed_without_grad(
     encoder: torch.nn.Module, chunks: list[Features], device: torch.device
 ) -> tuple[torch.Tensor, list[RngState]]:
