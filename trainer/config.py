@@ -123,6 +123,13 @@ class ModelConfig:
     bidirectional: bool = False
     """Decoders: switch off the causal mask, so that every token attends to the whole text
     (NV-Embed, LLM2Vec); saved with the model and reproduced by the exported folder."""
+    attention_dropout: float | None = None
+    """Dropout on the attention probabilities in training (BERT's attention_probs_dropout_prob, a
+    decoder's attention_dropout); null: the model's own. On a CPU, any attention dropout keeps
+    PyTorch's sdpa off its fused kernel: 0 makes a MiniLM step much faster (see Speed)."""
+    hidden_dropout: float | None = None
+    """Dropout on the hidden states in training (BERT's hidden_dropout_prob); null: the model's
+    own. Qwen2 and Llama have no such dropout."""
     lora: LoraConfig | None = None
     """Train low-rank adapters instead of every weight (`lora: {}` for the defaults); null: full
     fine-tuning. With a model folder that holds an adapter (a LoRA run's checkpoint), that adapter
@@ -139,6 +146,10 @@ class ModelConfig:
             raise FieldError("pool_prompt", "cls pooling reads the first token, which is the prompt's; pool_prompt: false goes with mean, last_token or latent_attention")
         if self.bidirectional and self.attn_implementation == "flash_attention_2":
             raise FieldError("attn_implementation", "flash_attention_2 takes no full attention mask; use sdpa with bidirectional: true")
+        for key in ("attention_dropout", "hidden_dropout"):
+            value = getattr(self, key)
+            if value is not None and not 0 <= value < 1:
+                raise FieldError(key, f"must be in [0, 1) or null (the model's own), got {value}")
         if self.embedding_dim is not None and self.embedding_dim < 1:
             raise FieldError("embedding_dim", f"must be >= 1 or null, got {self.embedding_dim}")
         if self.num_layers is not None and self.num_layers < 1:

@@ -64,8 +64,8 @@ def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | Non
         return None  # the module starts at random (seeded by the run): nothing stable to cache
     # only what changes the numbers: the files' content stands for their path, names are prefixes
     # every model setting but those that cannot change an embedding, so a new setting is keyed by default
-    # (and `lora`: fresh adapters start as the identity, peft initialising B at zero)
-    unchanging = ("name_or_path", "gradient_checkpointing", "trust_remote_code", "lora")
+    # (and `lora`: fresh adapters start as the identity, peft initialising B at zero; dropouts act in training only)
+    unchanging = ("name_or_path", "gradient_checkpointing", "trust_remote_code", "lora", "attention_dropout", "hidden_dropout")
     settings = {k: v for k, v in asdict(model).items() if k not in unchanging}
     eval_settings = {k: v for k, v in asdict(eval_set).items() if k not in ("name", "path")}
     data = _files_digest(eval_set.files())

@@ -338,6 +338,33 @@ def attention_kernel(requested: str | None) -> str | None:
     return requested
 
 
+DROPOUT_FIELDS = {
+    "attention_dropout": ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "attention_dropout_prob"),
+    "hidden_dropout": ("hidden_dropout_prob", "hidden_dropout", "resid_pdrop", "dropout"),
+}
+"""Where model configs keep each dropout (`model.attention_dropout`, `model.hidden_dropout`)."""
+
+
+def dropout_settings(path: str, config: ModelConfig) -> dict[str, float]:
+    """The backbone config fields the recipe's dropouts set, e.g. {'attention_probs_dropout_prob': 0.0}."""
+    wanted = {key: getattr(config, key) for key in DROPOUT_FIELDS if getattr(config, key) is not None}
+    if not wanted:
+        return {}
+    from transformers import AutoConfig
+
+    backbone_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    settings = {}
+    for key, value in wanted.items():
+        names = [name for name in DROPOUT_FIELDS[key] if isinstance(getattr(backbone_config, name, None), (int, float))]
+        if not names:
+            raise ModelError(
+                f"model.{key}: {config.name_or_path} ({backbone_config.model_type}) has no such dropout "
+                f"(its config has none of {', '.join(DROPOUT_FIELDS[key])}); leave it null"
+            )
+        settings[names[0]] = value
+    return settings
+
+
 def _load_backbone(path: str, config: ModelConfig) -> torch.nn.Module:
     """The backbone without its pooler head (unused by every pooling here), in the recipe's
     precision and attention kernel. transformers' own load report is silenced, since it flags
@@ -356,6 +383,7 @@ def _load_backbone(path: str, config: ModelConfig) -> torch.nn.Module:
     kernel = attention_kernel(config.attn_implementation)
     if kernel is not None:
         options["attn_implementation"] = kernel
+    options.update(dropout_settings(path, config))  # config fields, checked to exist above
     try:
         try:
             backbone, info = AutoModel.from_pretrained(path, add_pooling_layer=False, **options)
@@ -390,6 +418,7 @@ def build_backbone(config: ModelConfig, merge_adapter: bool = True) -> torch.nn.
             name_or_path=base["name_or_path"], layers=base.get("layers"), num_layers=base.get("num_layers"),
             trust_remote_code=config.trust_remote_code, torch_dtype=config.torch_dtype,
             attn_implementation=config.attn_implementation, bidirectional=config.bidirectional,
+            attention_dropout=config.attention_dropout, hidden_dropout=config.hidden_dropout,
         )
         try:
             backbone = load_adapter(build_backbone(base_config), path, merge_adapter)

@@ -119,6 +119,7 @@ def test_the_key_changes_with_every_setting_that_changes_embeddings(words_model,
     keys = {cache_key(replace(base, **change), eval_set) for change in changed}
     assert key not in keys and len(keys) == len(changed)
     assert cache_key(replace(base, gradient_checkpointing=True), eval_set) == key
+    assert cache_key(replace(base, attention_dropout=0.0, hidden_dropout=0.2), eval_set) == key  # training only
 
 
 def test_the_key_of_lora_and_latent_attention_models(tmp_path, tiny_model, tiny_beir):

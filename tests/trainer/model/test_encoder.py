@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from trainer.config import ModelConfig
+from trainer.schema import FieldError
 from trainer.model.encoder import Encoder, embedding_config
 
 
@@ -52,3 +53,26 @@ def test_settings_that_cannot_be_served_alike_are_refused(tmp_path, tiny_model):
 
     with pytest.raises(FieldError, match="cls pooling reads the first token"):
         ModelConfig(name_or_path="x", pooling="cls", pool_prompt=False)
+
+
+def test_the_recipes_dropouts_reach_the_model_and_a_missing_one_is_refused(tiny_model, tmp_path):
+    from conftest import tiny_decoder
+    from trainer.model.encoder import ModelError
+
+    own = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16))
+    assert own.backbone.config.attention_probs_dropout_prob == 0.1 and own.backbone.config.hidden_dropout_prob == 0.1
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, attention_dropout=0.0, hidden_dropout=0.25))
+    assert encoder.backbone.config.attention_probs_dropout_prob == 0.0 and encoder.backbone.config.hidden_dropout_prob == 0.25
+    dropouts = [m.p for m in encoder.backbone.modules() if isinstance(m, torch.nn.Dropout)]
+    assert 0.25 in dropouts and 0.1 not in dropouts
+    # the attention kernel reads its dropout from the config: in training, no attention dropout
+    # gives the same states as eval mode when the hidden dropout is 0 too
+    quiet = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, attention_dropout=0.0, hidden_dropout=0.0)).train()
+    features = quiet.tokenize(["apple banana", "cherry"])
+    torch.testing.assert_close(quiet(features), quiet.eval()(features))
+    decoder = tiny_decoder(tmp_path / "qwen2")
+    assert Encoder.from_config(ModelConfig(name_or_path=str(decoder), max_seq_length=16, attention_dropout=0.2)).backbone.config.attention_dropout == 0.2
+    with pytest.raises(ModelError, match="hidden_dropout: .* has no such dropout"):
+        Encoder.from_config(ModelConfig(name_or_path=str(decoder), max_seq_length=16, hidden_dropout=0.1))
+    with pytest.raises(FieldError, match="attention_dropout"):
+        ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, attention_dropout=1.0)
