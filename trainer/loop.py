@@ -42,6 +42,7 @@ from trainer.model.embedding_cache import CachedEncoder, EmbeddingCache
 from trainer.model.frozen import cache_identity, cache_name, frozen_key, load_frozen
 from trainer.model.lora import describe_parameters, is_lora, keep_trainable_in_checkpoints
 from trainer.model.sub_batches import SubBatcher
+from trainer.allocator import configure_allocator
 from trainer.preemption import PreemptionWatch
 from trainer.progress import progress_bar
 from trainer.run_dir import (
@@ -304,6 +305,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     )
     accelerator.print(describe_step(recipe, loss_fn, accelerator.num_processes))
     accelerator.print(describe_parameters(encoder, encoder.backbone))
+    accelerator.print(f"allocator: {configure_allocator()}")  # `embtrain` did it at start; a call from Python does it here
     saved_at = state.step if folder.resume else None
     if recipe.evaluation.at_start and state.step == 0 and recipe.evaluation.sets:
         metrics_log.write(0, evals.run(accelerator, model.encoder, cached=True))
