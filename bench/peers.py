@@ -21,7 +21,7 @@ optimiser step.
 
 Reported per contestant: median seconds per step and pairs per second after --warmup steps,
 the ratio to st-mnrl and to bare, and padding efficiency (real tokens / tokens the transformer
-processed, counted at its input). Peak resident memory comes from a fresh process per
+processed: for sentence-transformers, its padded columns). Peak resident memory comes from a fresh process per
 contestant running --memory-steps steps alone (skip it with --no-memory). The allocator
 setting embtrain applies at start is process-wide, so here every contestant shares it
 (`--allocator default` leaves glibc's defaults).
@@ -82,19 +82,16 @@ def batches(rows: list, batch_size: int, count: int) -> list[list]:
 
 
 class TokenCounter:
-    """Counts real and processed tokens at the transformer's input (a forward pre-hook)."""
+    """Real and processed tokens of the forwards a contestant runs (counted from what it feeds
+    the transformer: its own tokenisation, or embtrain's sub-batches)."""
 
-    def __init__(self, module) -> None:
+    def __init__(self) -> None:
         self.real = self.processed = 0
-        module.register_forward_pre_hook(self.hook, with_kwargs=True)
 
-    def hook(self, module, args, kwargs) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1:
-            mask = args[1]
-        if mask is not None:
-            self.real += int(mask.sum())
-            self.processed += mask.numel()
+    def add(self, features: dict) -> None:
+        mask = features["attention_mask"]
+        self.real += int(mask.sum())
+        self.processed += mask.numel()
 
 
 class Contestant:
@@ -124,7 +121,7 @@ class Embtrain(Contestant):
         self.loss = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)], LossContext(dim=self.encoder.dim, normalized=True))
         self.split = SubBatcher()
         self.optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=2e-5)
-        self.counter = TokenCounter(self.encoder.backbone)
+        self.counter = TokenCounter()
 
     def step(self, rows: list) -> float:
         from contextlib import nullcontext
@@ -140,7 +137,10 @@ class Embtrain(Contestant):
             loss, _ = cached_step(self.encoder, self.loss, batch, backward, False, self.chunk_size, nullcontext, split=self.split)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        real, padded = self.split.take_counts()
+        self.counter.real += real
+        self.counter.processed += padded
+        return loss.item()
 
 
 class SentenceTransformers(Contestant):
@@ -160,16 +160,19 @@ class SentenceTransformers(Contestant):
         else:
             self.loss = losses.CachedMultipleNegativesRankingLoss(self.model, scale=20.0, mini_batch_size=chunk_size)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5)
-        self.counter = TokenCounter(self.model[0].auto_model)
+        self.counter = TokenCounter()
+        self.preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize  # renamed in 6.x
 
     def step(self, rows: list) -> float:
         columns = [[r[0] for r in rows], [r[1] for r in rows]] + [[r[2][k] for r in rows] for k in range(len(rows[0][2]))]
-        features = [self.model.tokenize(column) for column in columns]
+        features = [self.preprocess(column) for column in columns]
+        for column in features:  # each column is one padded forward (MNRL), or cut into mini-batches (CMNRL)
+            self.counter.add(column)
         loss = self.loss(features, None)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
 
 class Bare(Contestant):
@@ -186,12 +189,13 @@ class Bare(Contestant):
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder, add_pooling_layer=False).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5)
-        self.counter = TokenCounter(self.model)
+        self.counter = TokenCounter()
 
     def embed(self, texts: list[str]):
         import torch.nn.functional as F
 
         features = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt")
+        self.counter.add(features)
         states = self.model(**features).last_hidden_state
         mask = features["attention_mask"].unsqueeze(-1).to(states.dtype)
         return F.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
@@ -207,7 +211,7 @@ class Bare(Contestant):
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.item()
 
 
 def build(name: str, max_seq_length: int, chunk_size: int) -> Contestant:

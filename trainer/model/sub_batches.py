@@ -23,8 +23,8 @@ import torch
 Features = dict[str, torch.Tensor]
 
 OVERHEAD_TOKENS = 256
-"""Default cost of one forward call, in tokens: on a 2-core CPU a MiniLM forward+backward of
-a few rows costs about as much as 256 more tokens in a larger one."""
+"""Default cost of one forward call, in tokens (a round guess, not tuned yet): with it, a column
+of 32 texts of 256 tokens stays one forward, and texts of very different lengths are split."""
 
 
 @dataclass
