@@ -127,3 +127,19 @@ def tiny_decoder(folder: Path, family: str = "qwen2", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     AutoModel.from_config(config).save_pretrained(folder)
     return folder
+
+
+def grads(encoder) -> dict:
+    """Each parameter's gradient, by name, then zeroed: one backward's gradients to compare."""
+    out = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
+    encoder.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_same(a: dict, b: dict, atol: float = 1e-10) -> None:
+    """The same gradients (float64 tests: to 1e-10), and some at all."""
+    import torch
+
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import make_pairs
+from conftest import assert_same, grads, make_pairs
 from trainer.config import InfoNCEConfig, ModelConfig
 from trainer.data.collate import Collator
 from trainer.data.examples import Example
@@ -51,18 +51,6 @@ def teachers(loss_fn) -> dict[str, Encoder]:
                 parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
         out[key] = teacher
     return out
-
-
-def grads(encoder: Encoder) -> dict[str, torch.Tensor]:
-    out = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
-    encoder.zero_grad(set_to_none=True)
-    return out
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=TOLERANCE, msg=name)
 
 
 LOSS = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)], LossContext(dim=32, normalized=True))

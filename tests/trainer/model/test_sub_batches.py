@@ -7,7 +7,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from conftest import make_pairs, tiny_decoder
+from conftest import assert_same, grads, make_pairs, tiny_decoder
 from trainer.config import InfoNCEConfig, ModelConfig
 from trainer.data.collate import Collator
 from trainer.data.examples import Example
@@ -30,18 +30,6 @@ def varied(n: int, seed: int = 0) -> list[Example]:
 
 def BACKWARD(loss: torch.Tensor, **options) -> None:
     loss.backward(**options)
-
-
-def grads(encoder: Encoder) -> dict[str, torch.Tensor]:
-    out = {n: p.grad.clone() for n, p in encoder.named_parameters() if p.grad is not None}
-    encoder.zero_grad(set_to_none=True)
-    return out
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=TOLERANCE, msg=name)
 
 
 def load(folder, **options) -> Encoder:
