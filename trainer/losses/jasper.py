@@ -1,12 +1,17 @@
 """Jasper/Stella's three distillation losses, over the embeddings of every text of the batch.
 
-With s_i the student's embedding of text i (projected to the teacher's dimension when they
-differ, then normalised) and t_i the teacher's (normalised):
-    cosine      mean over texts of 1 - s_i . t_i
+With s_i the student's embedding of text i (normalised), P a learned projection to the teacher's
+dimension (when they differ) and t_i the teacher's embedding (normalised):
+    cosine      mean over texts of 1 - normalise(P s_i) . t_i
     similarity  mean over (i, j) of (s_i . s_j - t_i . t_j)^2       the in-batch similarity matrices
     relative    mean over (i, j, k), j != i != k, with t_i . t_j > t_i . t_k of
                 max(0, margin - (s_i . s_j - s_i . s_k))             the teacher's ranking, per row
     loss = cosine_weight x cosine + similarity_weight x similarity + relative_weight x relative
+
+The similarity and relative terms compare (T, T) similarity matrices, which have the same shape
+whatever the widths, so they are computed on the student's own embeddings: the vectors the
+exported model serves, at every Matryoshka cut (as the paper's dimension-reduction stage trains
+its reduced vectors with these two losses alone). Only the cosine term goes through P.
 
 The relative term compares the candidates of each text's row of the similarity matrix (which of
 two texts is closer to text i), so its cost grows with T^3 for T texts in the batch. Works on
@@ -34,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.losses.base import LossConfig, LossContext, register_loss
+from trainer.losses.infonce import at_least_float32
 from trainer.losses.inputs import LossInput
 from trainer.losses.teacher import EmbeddingDistillTerm, projection
 from trainer.model.frozen import FrozenModelConfig, embedding_teacher
@@ -57,8 +63,9 @@ class JasperConfig(LossConfig):
     margin: float = 0.015
     """Margin of the relative-similarity loss."""
     projection: bool | None = None
-    """Learn a linear map from the student's embeddings to the teacher's space: null: only when the
-    dimensions differ; true: always; false: never."""
+    """Learn a linear map from the student's embeddings to the teacher's space for the cosine loss
+    (the other two compare similarity matrices and need none): null: only when the dimensions
+    differ; true: always; false: never. No map is made when cosine_weight is 0."""
 
     def __post_init__(self) -> None:
         embedding_teacher("teacher", self.teacher)
@@ -69,20 +76,23 @@ class JasperConfig(LossConfig):
             raise FieldError("cosine_weight", "cosine_weight, similarity_weight and relative_weight are all 0")
         if self.margin < 0:
             raise FieldError("margin", f"must be >= 0, got {self.margin}")
+        if self.projection and not self.cosine_weight:
+            raise FieldError("projection", "only the cosine loss uses the projection, and cosine_weight is 0")
 
     def build(self, context: LossContext) -> "Jasper":
-        return Jasper(self, projection(context, self.teacher, self.projection))
+        return Jasper(self, projection(context, self.teacher, self.projection) if self.cosine_weight else None)
 
 
 class Jasper(EmbeddingDistillTerm):
     def forward(self, inputs: LossInput) -> torch.Tensor:
         config = self.config
-        student, teacher = self.student_and_teacher(inputs)
-        student, teacher = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
-        total = student.new_zeros(())
+        projected, teacher = self.student_and_teacher(inputs)
+        teacher = F.normalize(teacher, dim=-1)
+        total = teacher.new_zeros(())
         if config.cosine_weight:
-            total = total + config.cosine_weight * (1 - (student * teacher).sum(-1)).mean()
-        student_sim, teacher_sim = student @ student.T, teacher @ teacher.T
+            total = total + config.cosine_weight * (1 - (F.normalize(projected, dim=-1) * teacher).sum(-1)).mean()
+        student = F.normalize(at_least_float32(inputs.embeddings.texts), dim=-1)  # (T, D_student)
+        student_sim, teacher_sim = student @ student.T, teacher @ teacher.T  # (T, T) each
         if config.similarity_weight:
             total = total + config.similarity_weight * F.mse_loss(student_sim, teacher_sim)
         if config.relative_weight:

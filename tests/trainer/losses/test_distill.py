@@ -206,6 +206,41 @@ def test_jasper_by_hand():
     assert value == pytest.approx(cosine + similarity + sum(hinges) / len(hinges), abs=1e-9)
 
 
+def test_jasper_compares_similarity_matrices_in_the_students_own_space():
+    """Widths that differ from the teacher's: the similarity and relative terms read the student's
+    own vectors (what the exported model serves); only the cosine term goes through the projection."""
+    student = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]], dtype=torch.float64)
+    teacher = F.normalize(torch.tensor([[1.0, 0.0, 0.5], [0.8, 0.6, 0.0], [0.0, 1.0, 1.0]], dtype=torch.float64), dim=-1)
+    inputs = LossInput.of(student, None, frozen={KEY: Embeddings(teacher, None)})
+    structure = JasperConfig(kind="jasper", teacher=TEACHER, cosine_weight=0, similarity_weight=1, relative_weight=0)
+    term = structure.build(context(2, 3))
+    assert term.projection is None  # nothing would read it
+    expected = F.mse_loss(student @ student.T, teacher @ teacher.T).item()
+    assert term(inputs).item() == pytest.approx(expected, abs=1e-12)
+
+    full = JasperConfig(kind="jasper", teacher=TEACHER, cosine_weight=1, similarity_weight=1, relative_weight=0).build(context(2, 3))
+    (linear,) = full.projection.maps.values()
+    projected = F.normalize(linear(student.float()).double(), dim=-1)
+    cosine = (1 - (projected * teacher).sum(-1)).mean().item()
+    assert full(inputs).item() == pytest.approx(cosine + expected, abs=1e-6)
+    with pytest.raises(FieldError, match="cosine_weight is 0"):
+        JasperConfig(kind="jasper", teacher=TEACHER, cosine_weight=0, projection=True)
+
+
+def test_jasper_under_matryoshka_trains_each_cut_itself():
+    """At a cut narrower than the teacher, the gradient of the similarity terms reaches the cut's
+    own dimensions and nothing else (no projection in between)."""
+    from trainer.losses.matryoshka import MatryoshkaConfig
+
+    inner = JasperConfig(kind="jasper", teacher=TEACHER, cosine_weight=0)
+    loss = MatryoshkaConfig(kind="matryoshka", dims=[4], terms=[inner]).build(context(8, 8))
+    assert loss.terms[0].projection is None
+    texts = unit(5, 8).requires_grad_()
+    inputs = LossInput.of(texts, None, frozen={KEY: Embeddings(unit(5, 8, seed=4), None)})
+    loss(inputs).backward()
+    assert texts.grad[:, :4].abs().sum() > 0 and texts.grad[:, 4:].abs().sum() == 0
+
+
 def test_relative_similarity_is_zero_when_the_student_keeps_the_order_by_the_margin():
     sim = torch.tensor([[1.0, 0.9, 0.1], [0.9, 1.0, 0.5], [0.1, 0.5, 1.0]])
     assert relative_similarity(sim, sim, 0.0).item() == 0
