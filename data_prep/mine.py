@@ -31,7 +31,7 @@ from trainer.data.readers import read_examples
 if TYPE_CHECKING:  # torch and the model load only when mining runs, not for --help
     import torch
 
-    from trainer.model.encoder import Encoder
+    from trainer.evaluation.sharded import TextEncoder
 
 
 @dataclass
@@ -127,8 +127,9 @@ def task_from_pairs(source: PairsSource, corpus_file: str | None = None) -> Mini
     return MiningTask(queries=list(positives), corpus=corpus, positives=list(positives.values()))
 
 
-def mine(task: MiningTask, encoder: "Encoder", settings: MiningSettings) -> tuple[list[dict], MiningReport]:
-    """Embed corpus and queries with the model, then pick negatives from the exact ranking."""
+def mine(task: MiningTask, encoder: "TextEncoder", settings: MiningSettings) -> tuple[list[dict], MiningReport]:
+    """Embed corpus and queries with the model (an `Encoder`, or one reading the shared embedding
+    cache), then pick negatives from the exact ranking."""
     documents = encoder.encode(task.corpus, is_query=False, batch_size=settings.batch_size, progress="corpus")
     queries = encoder.encode(task.queries, is_query=True, batch_size=settings.batch_size, progress="queries")
     return select_negatives(task, queries, documents, settings)
@@ -266,8 +267,10 @@ def run(args: argparse.Namespace) -> int:
         raise SequenceLengthError(f"--max-seq-length: {exc}" if args.max_seq_length else str(exc)) from None
     if torch.cuda.is_available():
         encoder.to("cuda")
+    from trainer.model.embedding_cache import cached_text_encoder
+
     started = time.time()
-    rows, report = mine(task, encoder, settings)
+    rows, report = mine(task, cached_text_encoder(encoder, config, next(encoder.parameters()).device.type), settings)
     manifest = {
         "tool": "embtrain prep mine",
         "source": source,

@@ -8,6 +8,24 @@ from pathlib import Path
 
 import pytest
 
+
+@pytest.fixture(scope="session", autouse=True)
+def embedding_cache_folder(tmp_path_factory):
+    """The shared embedding cache of unchanged models in a folder of the test session, not the
+    user's ~/.cache (commands run as subprocesses inherit it)."""
+    import os
+
+    from trainer.model.embedding_cache import CACHE_ENV
+
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("embedding-cache"))
+    yield Path(os.environ[CACHE_ENV])
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
 TOPICS = [
     "apple", "river", "engine", "violin", "planet", "castle", "winter", "doctor", "garden", "rocket",
     "ocean", "pencil", "tiger", "bridge", "coffee", "desert", "forest", "island", "mirror", "silver",

@@ -107,6 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.evaluation import build_evaluator, evaluate_set
+    from trainer.model.embedding_cache import cached_text_encoder
     from trainer.model.encoder import Encoder, SequenceLengthError, embedding_config
 
     config = embedding_config(args.model, args.trust_remote_code)
@@ -145,9 +146,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RecipeError(f"--dims: {max(args.dims)} is more than the model's {encoder.dim} dimensions")
     if config.embedding_dim is not None:
         print(f"{args.model}: embeddings cut to {config.embedding_dim} dimensions (saved with the model)", file=sys.stderr)
+    text_encoder = cached_text_encoder(encoder, config, next(encoder.parameters()).device.type)
     metrics = {}
     for eval_set, evaluator in zip(eval_sets, evaluators):
-        values = evaluate_set(evaluator, encoder, args.dims or [], config.normalize)
+        values = evaluate_set(evaluator, text_encoder, args.dims or [], config.normalize)
         metrics.update(values if len(eval_sets) == 1 else {f"{eval_set.name}/{k}": v for k, v in values.items()})
     if args.json:
         print(json.dumps(metrics))

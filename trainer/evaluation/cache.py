@@ -18,7 +18,7 @@ from pathlib import Path
 from trainer.config import EvalSetConfig, ModelConfig
 from trainer.model.encoder import latent_attention_weights, resolve_model_path
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 def _files_digest(files: list[Path]) -> str:
@@ -52,8 +52,10 @@ def _weights_digest(folder: Path) -> str | None:
     return _files_digest(files + described) + base_digest
 
 
-def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | None = None) -> str | None:
-    """None when the model is not a local folder (nothing to fingerprint)."""
+def model_fingerprint(model: ModelConfig) -> str | None:
+    """A digest of what decides the embeddings a model loaded from its files gives: the weights'
+    content and every setting that can change an embedding. None when the model is not a local
+    folder, or starts partly at random (nothing stable to key on)."""
     folder = Path(resolve_model_path(model.name_or_path))
     if not folder.is_dir():
         return None
@@ -62,14 +64,23 @@ def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | Non
         return None
     if model.pooling == "latent_attention" and latent_attention_weights(folder) is None:
         return None  # the module starts at random (seeded by the run): nothing stable to cache
-    # only what changes the numbers: the files' content stands for their path, names are prefixes
-    # every model setting but those that cannot change an embedding, so a new setting is keyed by default
-    # (and `lora`: fresh adapters start as the identity, peft initialising B at zero; dropouts act in training only)
+    # the files' content stands for their path; every model setting but those that cannot change an
+    # embedding, so a new setting is keyed by default (and `lora`: fresh adapters start as the
+    # identity, peft initialising B at zero; dropouts act in training only)
     unchanging = ("name_or_path", "gradient_checkpointing", "trust_remote_code", "lora", "attention_dropout", "hidden_dropout")
     settings = {k: v for k, v in asdict(model).items() if k not in unchanging}
-    eval_settings = {k: v for k, v in asdict(eval_set).items() if k not in ("name", "path")}
+    blob = json.dumps([weights, settings], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | None = None) -> str | None:
+    """None when the model cannot be fingerprinted (`model_fingerprint`)."""
+    fingerprint = model_fingerprint(model)
+    if fingerprint is None:
+        return None
+    eval_settings = {k: v for k, v in asdict(eval_set).items() if k not in ("name", "path")}  # names are prefixes
     data = _files_digest(eval_set.files())
-    blob = json.dumps([CACHE_VERSION, weights, settings, eval_settings, data] + ([sorted(dims)] if dims else []), sort_keys=True)
+    blob = json.dumps([CACHE_VERSION, fingerprint, eval_settings, data] + ([sorted(dims)] if dims else []), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

@@ -17,6 +17,7 @@ from trainer.errors import RunError
 from trainer.evaluation import Evaluator, build_evaluator, evaluate_set
 from trainer.evaluation.cache import EvalCache, cache_key
 from trainer.evaluation.sharded import ShardedEncoder, forward_module
+from trainer.model.embedding_cache import cached_text_encoder
 
 T = TypeVar("T")
 
@@ -46,7 +47,12 @@ class EvalRunner:
         parameters take part in every forward pass); the main process gathers and scores them and
         sends its numbers to all. With `cached`, the main process looks the values
         up and tells the others, so that all skip, or all run, each set."""
-        text_encoder = ShardedEncoder(accelerator, accelerator.unwrap_model(encoder), forward_module(encoder))
+        unwrapped = accelerator.unwrap_model(encoder)
+        text_encoder = ShardedEncoder(accelerator, unwrapped, forward_module(encoder))
+        if cached and accelerator.num_processes == 1:  # the model as loaded: its embeddings may be known
+            text_encoder = cached_text_encoder(
+                text_encoder, self.recipe.model, accelerator.device.type, self.recipe.training.mixed_precision
+            )
         metrics: dict[str, float] = {}
         for eval_set in self.config.sets:
             key, values = None, None

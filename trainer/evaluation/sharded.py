@@ -47,6 +47,10 @@ class ShardedEncoder:
         self.encoder = encoder
         self.module = module
 
+    @property
+    def dim(self) -> int:
+        return self.encoder.dim
+
     def encode(
         self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None,
         prompt: str | None = None,

@@ -12,12 +12,20 @@ and the same text as a document are separate entries when the prompts differ. Se
 may share a folder: each writes its own shards and reads everyone's.
 
 `meta.json` records the model the folder belongs to; a folder of another model is refused.
+
+The same store serves models that do not change while they embed (the model of `prep mine`,
+`embtrain eval`, a run's start evaluation): `CachingTextEncoder` keeps their embeddings in a
+shared folder per model fingerprint (weights and settings, `open_model_cache`), so that the
+quickstart's mining and its base evaluation embed the SciFact corpus once, and an unchanged model
+never embeds a text twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +113,8 @@ class EmbeddingCache:
             ids = np.concatenate(self.pending_ids)
             rows = np.concatenate(self.pending_rows)
             order = np.argsort(ids, kind="stable")
-            name = f"r{self.rank}-{len(list(self.folder.glob(f'r{self.rank}-*.ids.npy'))):06d}"
+            # unique, so that runs sharing a folder never pair one's ids with another's embeddings
+            name = f"r{self.rank}-{len(list(self.folder.glob(f'r{self.rank}-*.ids.npy'))):06d}-{uuid.uuid4().hex[:8]}"
             _save_npy(self.folder / f"{name}.embeddings.npy", rows[order])
             _save_npy(self.folder / f"{name}.ids.npy", ids[order])  # last: a shard counts once its ids are there
             self.pending_ids, self.pending_rows, self.pending = [], [], {}
@@ -165,3 +174,86 @@ class CachedEncoder(torch.nn.Module):
             out[rows] = fresh
             self.cache.add(keys[missing], fresh.cpu().numpy())
         return out
+
+
+# ---------------------------------------------------------------- an unchanged model's embeddings
+
+CACHE_ENV = "EMBTRAIN_EMBEDDING_CACHE"
+"""Environment variable: the folder of the shared embedding cache, or `off`."""
+
+
+def embedding_cache_root() -> Path | None:
+    """Where unchanged models keep their embeddings: $EMBTRAIN_EMBEDDING_CACHE, else
+    $XDG_CACHE_HOME/embtrain/embeddings or ~/.cache/embtrain/embeddings; None when set to off."""
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "off", "0", "false", "no") else Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "embtrain" / "embeddings"
+
+
+def open_model_cache(model, dim: int, device: str = "cpu", precision: str = "no") -> EmbeddingCache | None:
+    """The shared on-disk cache of the embeddings that `model` (a `ModelConfig`), as loaded from
+    its files, gives on this kind of device at this autocast precision; None when the cache is off,
+    the model cannot be fingerprinted (not a local folder, a fresh latent-attention module), or the
+    folder cannot be written (the cache only saves time)."""
+    from trainer.evaluation.cache import model_fingerprint
+
+    root = embedding_cache_root()
+    if root is None:
+        return None
+    fingerprint = model_fingerprint(model)
+    if fingerprint is None:
+        return None
+    identity = {"fingerprint": fingerprint, "device": device, "precision": precision}
+    name = json.dumps(identity, sort_keys=True)
+    import hashlib
+
+    folder = root / hashlib.sha256(name.encode()).hexdigest()[:32]
+    try:
+        return EmbeddingCache(folder, identity, dim)
+    except OSError as exc:
+        print(f"warning: embedding cache {folder} not usable ({exc}); embedding without it", file=sys.stderr)
+        return None
+
+
+class CachingTextEncoder:
+    """A text encoder (`Encoder.encode`'s signature) that reads the embeddings of texts it has seen
+    from an `EmbeddingCache` and embeds only the others, adding them. Only for a model that does not
+    change while it is used: the cache is keyed by the model's files (`open_model_cache`)."""
+
+    def __init__(self, inner, config, cache: EmbeddingCache) -> None:
+        self.inner = inner
+        self.config = config
+        self.cache = cache
+
+    def encode(
+        self, texts: list[str], *, is_query: bool, batch_size: int = 64, progress: str | None = None,
+        prompt: str | None = None,
+    ) -> torch.Tensor:
+        from trainer.data.training_set import text_key
+
+        if prompt is None:
+            prompt = self.config.query_prompt if is_query else self.config.document_prompt
+        ids = np.array([text_key(f"{prompt}\x00{text}") for text in texts], dtype=np.int64)
+        found, out = self.cache.lookup(ids)
+        missing = np.flatnonzero(~found)
+        if progress and found.any():
+            print(f"{progress}: {int(found.sum())} of {len(texts)} embeddings read from {self.cache.folder}", file=sys.stderr)
+        if len(missing):
+            fresh = self.inner.encode(
+                [texts[i] for i in missing], is_query=is_query, batch_size=batch_size, progress=progress, prompt=prompt
+            ).float().numpy()
+            out[missing] = fresh
+            try:
+                self.cache.add(ids[missing], fresh)
+                self.cache.flush()
+            except OSError as exc:
+                print(f"warning: embedding cache {self.cache.folder} not written ({exc})", file=sys.stderr)
+        return torch.from_numpy(out)
+
+
+def cached_text_encoder(encoder, config, device: str = "cpu", precision: str = "no"):
+    """`encoder` reading and filling the shared embedding cache of its unchanged model, or `encoder`
+    itself when there is none (`open_model_cache`)."""
+    cache = open_model_cache(config, encoder.dim, device, precision)
+    return encoder if cache is None else CachingTextEncoder(encoder, config, cache)

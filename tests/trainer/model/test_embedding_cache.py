@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -83,3 +85,81 @@ def test_a_run_embeds_each_text_once_across_epochs_and_resumes_with_its_cache(tm
     train(load_recipe(recipe), resume=True)
     assert (run_dir / "step_9").exists()
     assert embedded == []  # the resumed run finds every text on disk
+
+
+# ---------------------------------------------------------------- an unchanged model's embeddings
+
+
+class CountingEncoder:
+    """Wraps an `Encoder`, counting the texts it is asked to embed."""
+
+    def __init__(self, encoder):
+        self.encoder, self.dim, self.texts = encoder, encoder.dim, []
+
+    def encode(self, texts, **options):
+        self.texts += list(texts)
+        return self.encoder.encode(texts, **options)
+
+
+def test_caching_encoder_embeds_each_text_once_per_prompt_and_like_the_encoder(tiny_model, monkeypatch, tmp_path):
+    from trainer.model.embedding_cache import CACHE_ENV, cached_text_encoder
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    config = ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, query_prompt="query: ")
+    encoder = Encoder.from_config(config).eval()
+    counting = CountingEncoder(encoder)
+    cached = cached_text_encoder(counting, config)
+    texts = ["alpha beta gamma", "beta", "gamma delta"]
+    first = cached.encode(texts[:2], is_query=False)
+    both = cached.encode(texts, is_query=False)
+    assert counting.texts == texts[:2] + texts[2:]  # the third text only, the second time
+    torch.testing.assert_close(both, encoder.encode(texts, is_query=False), rtol=0, atol=1e-6)
+    torch.testing.assert_close(both[:2], first, rtol=0, atol=0)
+    queries = cached.encode(texts[:1], is_query=True)  # the query prompt: another input, another entry
+    assert counting.texts[-1] == texts[0]
+    torch.testing.assert_close(queries, encoder.encode(texts[:1], is_query=True), rtol=0, atol=1e-6)
+    assert not torch.allclose(queries, both[:1])
+    # a new process, the same model from its files: nothing to embed
+    again = CountingEncoder(encoder)
+    torch.testing.assert_close(cached_text_encoder(again, config).encode(texts, is_query=False), both, rtol=0, atol=0)
+    assert again.texts == []
+    # a setting that changes embeddings keys another folder
+    other = ModelConfig(name_or_path=str(tiny_model), max_seq_length=8, query_prompt="query: ")
+    assert cached_text_encoder(again, other).cache.folder != cached.cache.folder
+
+
+def test_caching_encoder_is_off_when_asked_or_when_the_model_cannot_be_fingerprinted(tiny_model, monkeypatch, tmp_path):
+    from trainer.model.embedding_cache import CACHE_ENV, cached_text_encoder
+
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16))
+    monkeypatch.setenv(CACHE_ENV, "off")
+    assert cached_text_encoder(encoder, encoder.config) is encoder
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert cached_text_encoder(encoder, ModelConfig(name_or_path="org/not-a-local-folder")) is encoder
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv(CACHE_ENV, str(blocked))  # not a folder: a warning, and embedding goes on without the cache
+    assert cached_text_encoder(encoder, encoder.config) is encoder
+
+
+def test_mining_and_evaluation_share_the_corpus_embeddings(tiny_model, tiny_beir, monkeypatch, tmp_path, capsys):
+    """`prep mine` embeds the corpus; `embtrain eval` of the same model then embeds only the test
+    queries, and its numbers are those of an evaluation without the cache."""
+    from trainer.cli import main
+    from trainer.model.embedding_cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    out = tmp_path / "mined.jsonl"
+    assert main(["prep", "mine", "--beir", str(tiny_beir), "--split", "train", "--model", str(tiny_model),
+                 "--out", str(out), "--num-negatives", "1", "--ranks", "1", "20"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tiny_model), "--beir", str(tiny_beir), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "corpus: 40 of 40 embeddings read from" in captured.err
+    read = [line for line in captured.err.splitlines() if "embeddings read from" in line]
+    assert len(read) == 1  # the test queries were not embedded before: no cached queries
+    cached = json.loads(captured.out.strip().splitlines()[-1])
+    monkeypatch.setenv(CACHE_ENV, "off")
+    assert main(["eval", str(tiny_model), "--beir", str(tiny_beir), "--json"]) == 0
+    fresh = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert cached == pytest.approx(fresh, abs=1e-9)
