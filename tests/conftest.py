@@ -10,16 +10,17 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
-def embedding_cache_folder(tmp_path_factory):
-    """The shared embedding cache of unchanged models in a folder of the test session, not the
-    user's ~/.cache (commands run as subprocesses inherit it)."""
+def embedding_cache_off():
+    """The shared embedding cache of unchanged models off (commands run as subprocesses inherit
+    it), so that no test reads what another embedded, nor writes to the user's ~/.cache; its own
+    tests turn it on in a folder of theirs."""
     import os
 
     from trainer.model.embedding_cache import CACHE_ENV
 
     previous = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("embedding-cache"))
-    yield Path(os.environ[CACHE_ENV])
+    os.environ[CACHE_ENV] = "off"
+    yield
     if previous is None:
         os.environ.pop(CACHE_ENV, None)
     else:

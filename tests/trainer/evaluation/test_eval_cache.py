@@ -146,3 +146,21 @@ def test_the_key_of_lora_and_latent_attention_models(tmp_path, tiny_model, tiny_
     settings_file = tmp_path / "a" / "adapter_config.json"
     settings_file.write_text(json.dumps({**json.loads(settings_file.read_text()), "lora_alpha": 64}))
     assert cache_key(adapter, eval_set) != first
+
+
+def test_a_miss_reads_the_embeddings_an_unchanged_model_gave_before(words_model, tiny_beir, tmp_path, monkeypatch):
+    """A start evaluation whose metrics are not cached (another set, say) embeds only the texts
+    the shared embedding cache lacks, and scores as without it."""
+    from trainer.model.embedding_cache import CACHE_ENV
+
+    setup = Setup(tmp_path, words_model, tiny_beir)
+    uncached, _ = setup.run(cached=False)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "embeddings"))
+    first, forwards = setup.run()
+    assert forwards > 0 and first == pytest.approx(uncached, abs=1e-9)
+    for entry in setup.cache_dir.glob("*.json"):
+        entry.unlink()  # the metrics forgotten; the embeddings kept
+    again, forwards = setup.run()
+    assert forwards == 0 and again == pytest.approx(first, abs=1e-9)
+    later, forwards = setup.run(cached=False)  # a model that has trained: never read from the cache
+    assert forwards > 0
