@@ -275,8 +275,10 @@ class DataConfig:
     number); an integer takes the first N and rejects rows with fewer."""
     shuffle: bool = True
     """Shuffle pairs each epoch (seeded)."""
-    num_workers: int = 0
-    """DataLoader worker processes for tokenisation (0: tokenise in the main process)."""
+    num_workers: int | None = None
+    """DataLoader worker processes that tokenise the next batches while the step runs (0:
+    tokenise in the main process). null: 2 when training on a GPU, 0 on a CPU, where workers would
+    take the cores the step computes on."""
     batching: Literal["homogeneous", "mixed"] = "homogeneous"
     """With several sources: every batch from one source (in-batch negatives of the same task),
     or batches that mix all sources."""
@@ -291,7 +293,7 @@ class DataConfig:
             raise FieldError("batch_size", f"must be >= 2 for in-batch negatives, got {self.batch_size}")
         if self.num_negatives is not None and self.num_negatives < 0:
             raise FieldError("num_negatives", f"must be >= 0 or null, got {self.num_negatives}")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise FieldError("num_workers", f"must be >= 0, got {self.num_workers}")
         kinds = {s.kind for s in self.train}
         if "texts" in kinds and len(kinds) > 1 and self.batching == "mixed":

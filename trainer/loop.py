@@ -55,6 +55,9 @@ from trainer.run_dir import (
 from trainer.run_dir import flat_config as flat_recipe
 from trainer.step import cached_step, plain_step
 
+GPU_LOADER_WORKERS = 2
+"""DataLoader workers when training on a GPU and `data.num_workers` is null."""
+
 
 def build_optimizer(
     encoder: Encoder, config: OptimizerConfig, extra: list[torch.nn.Parameter] | None = None
@@ -330,7 +333,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     while state.step < data.total_steps:
         data.sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
         for batch in data.loader:
-            batch = batch.to(accelerator.device)
+            batch = batch.to(accelerator.device, non_blocking=True)
             with accelerator.accumulate(*model.modules()):
                 loss, parts = train_step(accelerator, recipe, model, batch)
                 if accelerator.sync_gradients:
@@ -503,11 +506,14 @@ def build_data(recipe: Recipe, accelerator: Accelerator, examples: TrainingSet, 
         )
     # its own generator: starting an epoch must not draw from the global RNG that dropout uses,
     # or a resumed run would diverge from an uninterrupted one
+    on_gpu = accelerator.device.type == "cuda"
+    workers = recipe.data.num_workers if recipe.data.num_workers is not None else (GPU_LOADER_WORKERS if on_gpu else 0)
     loader = DataLoader(
         examples,
         batch_sampler=sampler,
         collate_fn=collator,
-        num_workers=recipe.data.num_workers,
+        num_workers=workers,
+        pin_memory=on_gpu,  # with non-blocking copies in the loop, the copy overlaps the step
         generator=torch.Generator().manual_seed(recipe.seed),
     )
     # the sampler trims each epoch to whole accumulation windows: no window spans two epochs

@@ -138,19 +138,28 @@ class ContrastiveBatch:
     def size(self) -> int:
         return self.queries["input_ids"].shape[0]
 
-    def to(self, device: Any, non_blocking: bool = False) -> "ContrastiveBatch":
-        def move(value):
+    def map_tensors(self, fn) -> "ContrastiveBatch":
+        """The batch with `fn` applied to every tensor it holds."""
+
+        def apply(value):
             if isinstance(value, torch.Tensor):
-                return value.to(device, non_blocking=non_blocking)
+                return fn(value)
             if isinstance(value, dict):
-                return {k: move(v) for k, v in value.items()}
+                return {k: apply(v) for k, v in value.items()}
             if isinstance(value, tuple):
-                return tuple(move(v) for v in value)
+                return tuple(apply(v) for v in value)
             if isinstance(value, FrozenBatch):
-                return FrozenBatch(*(move(getattr(value, f.name)) for f in fields(value)))
+                return FrozenBatch(*(apply(getattr(value, f.name)) for f in fields(value)))
             return value
 
-        return ContrastiveBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
+        return ContrastiveBatch(**{f.name: apply(getattr(self, f.name)) for f in fields(self)})
+
+    def to(self, device: Any, non_blocking: bool = False) -> "ContrastiveBatch":
+        return self.map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "ContrastiveBatch":
+        """Page-locked copies, so that the copy to a GPU can overlap the step (DataLoader's pin_memory)."""
+        return self.map_tensors(lambda t: t.pin_memory())
 
 
 class Collator:
