@@ -254,6 +254,17 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from trainer.run_summary import list_runs, runs_table
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        raise RecipeError(f"runs: {folder} is not a folder (give the checkpoints folder, checkpointing.output_dir)")
+    runs = list_runs(folder)
+    print(json.dumps(runs, indent=2) if args.json else runs_table(runs))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embtrain", description="Train contrastive text-embedding models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -329,6 +340,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--dry-run", action="store_true", help="list what would be uploaded and stop")
     push.set_defaults(func=cmd_push)
+
+    runs = commands.add_parser("runs", help="list the runs in a checkpoints folder: status, step, best metric")
+    runs.add_argument("folder", nargs="?", default="checkpoints", help="the checkpoints folder (default: checkpoints)")
+    runs.add_argument("--json", action="store_true", help="print the list as JSON")
+    runs.set_defaults(func=cmd_runs)
 
     prep = commands.add_parser("prep", help="data preparation tools (data_prep/)")
     tools = prep.add_subparsers(dest="tool", required=True)

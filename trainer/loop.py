@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -53,6 +55,16 @@ from trainer.run_dir import (
     truncate_metrics,
 )
 from trainer.run_dir import flat_config as flat_recipe
+from trainer.run_summary import (
+    SUMMARY_FILE,
+    RunClock,
+    end_summary,
+    peak_memory,
+    running_summary,
+    summary_table,
+    write_plots,
+    write_summary,
+)
 from trainer.step import cached_step, plain_step
 
 GPU_LOADER_WORKERS = 2
@@ -163,9 +175,42 @@ def describe_rows(sampler: NoDuplicatesBatchSampler, examples, sources, epoch: i
 
 def train(recipe: Recipe, resume: bool = False) -> dict[str, float]:
     """Train as the recipe says; returns the final evaluation metrics. A SIGTERM/SIGUSR1 at any
-    point saves what there is to keep and raises `Preempted`."""
+    point saves what there is to keep and raises `Preempted`. The run folder's summary.json says
+    how the run ended, an error included."""
+    record = RunRecord()
     with PreemptionWatch() as preemption:
-        return _train(recipe, resume, preemption)
+        try:
+            return _train(recipe, resume, preemption, record)
+        except Preempted:
+            raise
+        except BaseException as exc:
+            record.crashed(exc)
+            raise
+
+
+@dataclass
+class RunRecord:
+    """What `train` needs to write a run's summary, filled in as the run gets going."""
+
+    clock: RunClock = field(default_factory=RunClock)
+    run_dir: Path | None = None
+    main_process: bool = False
+    summary: Callable[..., dict] | None = None
+    """Builds the summary for a status (set once the run's state exists)."""
+
+    def write(self, status: str, **details) -> dict | None:
+        if self.run_dir is None or not self.main_process or self.summary is None:
+            return None
+        summary = self.summary(status, **details)
+        try:
+            write_summary(self.run_dir, summary)
+        except OSError as exc:  # the summary must not hide how the run ended
+            print(f"warning: {self.run_dir / SUMMARY_FILE} not written: {exc}", file=sys.stderr)
+        return summary
+
+    def crashed(self, exc: BaseException) -> None:
+        reason = "interrupted (KeyboardInterrupt)" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+        self.write("crashed", reason=reason.splitlines()[0] if reason else type(exc).__name__)
 
 
 @dataclass
@@ -245,8 +290,9 @@ def check_pairs(recipe: Recipe, loss_fn: WeightedLoss) -> None:
             raise RunError(f"loss {', '.join(paired)} needs (query, positive) pairs, but every training source is a texts source")
 
 
-def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[str, float]:
+def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: RunRecord) -> dict[str, float]:
     training = recipe.training
+    clock = record.clock
     accelerator = build_accelerator(recipe)
     set_seed(recipe.seed)
     folder = check_run_dir(recipe, resume)
@@ -285,13 +331,22 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
         return {}
     if recipe.logging.report_to:
         accelerator.init_trackers(recipe.logging.project, config=flat_config(asdict(recipe)))
+    meter = LossMeter(accelerator.device, model.split)
+    record.run_dir, record.main_process = run_dir, accelerator.is_main_process
+    record.summary = lambda status, **details: end_summary(
+        run_dir, status, state=state, total_steps=data.total_steps, metric_for_best=recipe.evaluation.metric_for_best,
+        clock=clock, tokens_seen=model.split.tokens_seen, pairs_seen=meter.pairs_seen, resumed=folder.resume, **details,
+    )
+    if accelerator.is_main_process:
+        write_summary(run_dir, running_summary(run_dir, data.total_steps, folder.resume))
 
     def save() -> Path:
         state.scheduler = scheduler.state_dict()
-        for cached in frozen.values():  # a resumed run finds every text embedded so far
-            if getattr(cached, "cache", None) is not None:
-                cached.cache.flush()
-        return save_checkpoint(accelerator, model.encoder, state, run_dir, recipe.checkpointing.keep_last)
+        with clock.timing("checkpointing"):
+            for cached in frozen.values():  # a resumed run finds every text embedded so far
+                if getattr(cached, "cache", None) is not None:
+                    cached.cache.flush()
+            return save_checkpoint(accelerator, model.encoder, state, run_dir, recipe.checkpointing.keep_last)
 
     def stop(saved_at: int | None) -> Preempted:
         """Saves unless this step is saved already (or nothing was trained); closes the run."""
@@ -299,6 +354,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
         if state.step > 0 or folder.resume:
             checkpoint = run_dir / f"step_{state.step}" if saved_at == state.step else save()
         progress.close()
+        record.write("preempted", reason=preemption.name, checkpoint=None if checkpoint is None else str(checkpoint))
         accelerator.end_training()
         return Preempted(preemption.name, state.step, None if checkpoint is None else str(checkpoint))
 
@@ -311,7 +367,8 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
     accelerator.print(f"allocator: {configure_allocator()}")  # `embtrain` did it at start; a call from Python does it here
     saved_at = state.step if folder.resume else None
     if recipe.evaluation.at_start and state.step == 0 and recipe.evaluation.sets:
-        metrics_log.write(0, evals.run(accelerator, model.encoder, cached=True))
+        with clock.timing("evaluation"):
+            metrics_log.write(0, evals.run(accelerator, model.encoder, cached=True))
     # after the start evaluation, so that its time is not taken for training steps
     progress = progress_bar(
         total=data.total_steps, initial=state.step, desc="train", hide=not accelerator.is_local_main_process
@@ -321,7 +378,8 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
 
     # ---------------------------------------------------------------- train
     model.encoder.train()
-    meter = LossMeter(accelerator.device, model.split)
+    clock.setup_done()
+    meter.restart_clock()
     nonfinite = NonFiniteGuard(training.nonfinite, training.nonfinite_max_consecutive, optimizer, state, accelerator)
 
     def check_nonfinite() -> None:
@@ -340,6 +398,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
                     max_norm = math.inf if training.max_grad_norm is None else training.max_grad_norm
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
                     nonfinite.before_step(grad_norm, state.step + 1, state.epoch, state.batch_in_epoch + 1)
+                    meter.add_grad_norm(grad_norm)
                 optimizer.step()
                 optimizer.zero_grad()
             state.batch_in_epoch += 1
@@ -365,9 +424,10 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
             done = state.step >= data.total_steps
             every = recipe.evaluation.every_steps
             if every and state.step % every == 0 and not done and recipe.evaluation.sets:
-                metrics = evals.run(accelerator, model.encoder)
-                metrics_log.write(state.step, metrics)
-                evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)
+                with clock.timing("evaluation"):
+                    metrics = evals.run(accelerator, model.encoder)
+                    metrics_log.write(state.step, metrics)
+                    evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)
                 meter.restart_clock()  # throughput counts training only
             every = recipe.checkpointing.every_steps
             if every and state.step % every == 0 and not done:
@@ -390,15 +450,17 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch) -> dict[st
 
     # ---------------------------------------------------------------- finish
     if recipe.evaluation.at_end and recipe.evaluation.sets:
-        metrics = evals.run(accelerator, model.encoder)
-        metrics_log.write(state.step, metrics)
-        evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)
+        with clock.timing("evaluation"):
+            metrics = evals.run(accelerator, model.encoder)
+            metrics_log.write(state.step, metrics)
+            evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)
     state.finished = True
     final = save()
     if preemption.should_stop(accelerator):
+        record.write("preempted", reason=preemption.name, checkpoint=str(final))
         accelerator.end_training()
         raise Preempted(preemption.name, state.step, str(final))
-    report_end(accelerator, recipe, state, final)
+    report_end(accelerator, recipe, state, final, record.write("finished", checkpoint=str(final)))
     return metrics
 
 
@@ -425,12 +487,23 @@ def describe_step(recipe: Recipe, loss_fn: WeightedLoss, num_processes: int) -> 
     return "step: " + "; ".join(parts)
 
 
-def report_end(accelerator: Accelerator, recipe: Recipe, state: TrainState, final: Path) -> None:
+def report_end(accelerator: Accelerator, recipe: Recipe, state: TrainState, final: Path, summary: dict | None) -> None:
+    """The end of a finished run in the terminal: where it is saved, its summary table and plots."""
     accelerator.print(f"saved {final}")
     if state.nonfinite_steps:
         accelerator.print(f"warning: {state.nonfinite_steps} step(s) skipped for a NaN or infinite loss or gradient")
     if state.best_step is not None:
         accelerator.print(f"best {recipe.evaluation.metric_for_best} {state.best_metric:.4f} at step {state.best_step}")
+    if summary is not None:
+        accelerator.print(summary_table(summary))
+        try:
+            plots = write_plots(final.parent)
+        except Exception as exc:  # noqa: BLE001 - a plot must never fail a finished run
+            accelerator.print(f"warning: plots not drawn: {exc}")
+        else:
+            if plots:
+                accelerator.print("plots: " + ", ".join(str(p) for p in plots))
+        accelerator.print(f"summary: {final.parent / SUMMARY_FILE}")
     accelerator.end_training()
 
 
@@ -596,6 +669,8 @@ class LossMeter:
     def __init__(self, device: torch.device, split: SubBatcher | None = None) -> None:
         self.device = device
         self.split = split
+        self.pairs_seen = 0
+        """Examples trained on since the run (this invocation) started, every process's."""
         self.reset()
         self.restart_clock()
 
@@ -604,6 +679,8 @@ class LossMeter:
         self.count = torch.zeros((), device=self.device)
         self.parts: dict[str, torch.Tensor] = {}
         self.part_counts: dict[str, torch.Tensor] = {}  # a term that sits out batches of single texts has fewer
+        self.grad_norm = torch.zeros((), device=self.device)
+        self.grad_norm_count = torch.zeros((), device=self.device)
 
     def restart_clock(self) -> None:
         self.started, self.pairs = time.perf_counter(), 0
@@ -618,6 +695,14 @@ class LossMeter:
             self.part_counts[name] = self.part_counts.get(name, 0) + finite
         self.count += finite
         self.pairs += pairs
+        self.pairs_seen += pairs
+
+    def add_grad_norm(self, grad_norm) -> None:
+        """The gradient norm before clipping of an optimiser step (None under DeepSpeed, which clips itself)."""
+        if isinstance(grad_norm, torch.Tensor):
+            finite = torch.isfinite(grad_norm)
+            self.grad_norm += torch.where(finite, grad_norm.detach().float(), 0.0)
+            self.grad_norm_count += finite
 
     def flush(self, lr: float, loss_fn: torch.nn.Module, nonfinite_steps: int) -> dict[str, float | None]:
         """The interval's values for the log (one host sync), then starts a new interval.
@@ -626,6 +711,9 @@ class LossMeter:
         mean = lambda total: (total / count).item() if count else None  # noqa: E731 - null: all non-finite
         seconds = time.perf_counter() - self.started
         logged = {"loss": mean(self.total), "lr": lr, "pairs_per_s": self.pairs / seconds}
+        norms = self.grad_norm_count.item()
+        if norms:
+            logged["grad_norm"] = (self.grad_norm / norms).item()
         if self.split is not None:
             real, padded = self.split.real_tokens, self.split.padded_tokens
             if padded:
@@ -637,6 +725,7 @@ class LossMeter:
         logged.update(learned_values(loss_fn))
         if nonfinite_steps:
             logged["nonfinite_steps"] = nonfinite_steps
+        logged["peak_memory_gb"] = peak_memory()["peak_memory_gb"]
         self.reset()
         self.restart_clock()
         return logged

@@ -45,8 +45,13 @@ def test_signal_saves_and_resume_finishes(tmp_path, tiny_model, pairs_file, sig)
     assert len(saved) == 1
     stopped_at = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
     assert 3 <= stopped_at < 300
+    summary = json.loads((tmp_path / "runs" / "pre" / "summary.json").read_text())
+    assert summary["status"] == "preempted" and summary["reason"] == sig.name and summary["step"] == stopped_at
+    assert summary["checkpoint"] == str(saved[0])
 
     result = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed from" in result.stdout and f"(step {stopped_at}," in result.stdout
     assert json.loads((tmp_path / "runs" / "pre" / "step_300" / "trainer_state.json").read_text())["step"] == 300
+    summary = json.loads((tmp_path / "runs" / "pre" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["resumed"] and summary["step"] == 300

@@ -133,6 +133,8 @@ class SubBatcher:
     def __init__(self, sort: bool = True, max_tokens: int | None = None, overhead_tokens: int = OVERHEAD_TOKENS) -> None:
         self.sort, self.max_tokens, self.overhead_tokens = sort, max_tokens, overhead_tokens
         self.real_tokens = self.padded_tokens = 0
+        self.tokens_seen = 0
+        """Real tokens embedded since this batcher was made (never reset)."""
 
     def __call__(self, features: Features, max_rows: int | None = None) -> SubBatches:
         batches = sub_batches(
@@ -140,6 +142,7 @@ class SubBatcher:
         )
         self.real_tokens += batches.real_tokens
         self.padded_tokens += batches.padded_tokens
+        self.tokens_seen += batches.real_tokens
         return batches
 
     def take_counts(self) -> tuple[int, int]:
