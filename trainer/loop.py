@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
@@ -65,6 +65,7 @@ from trainer.run_summary import (
     write_plots,
     write_summary,
 )
+from trainer import trackers
 from trainer.step import cached_step, plain_step
 
 GPU_LOADER_WORKERS = 2
@@ -330,7 +331,11 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
         accelerator.end_training()
         return {}
     if recipe.logging.report_to:
-        accelerator.init_trackers(recipe.logging.project, config=flat_config(asdict(recipe)))
+        options, notes = trackers.init_kwargs(recipe.logging.report_to, run_dir, recipe.run_name)
+        for note in notes:
+            accelerator.print(note)
+        config = {**flat_config(asdict(recipe)), **trackers.environment(accelerator)}
+        accelerator.init_trackers(recipe.logging.project, config=config, init_kwargs=options)
     meter = LossMeter(accelerator.device, model.split)
     record.run_dir, record.main_process = run_dir, accelerator.is_main_process
     record.summary = lambda status, **details: end_summary(
@@ -509,11 +514,14 @@ def report_end(accelerator: Accelerator, recipe: Recipe, state: TrainState, fina
 
 def build_accelerator(recipe: Recipe) -> Accelerator:
     training = recipe.training
+    trackers.check_installed(recipe.logging.report_to)
+    run_dir = Path(recipe.checkpointing.output_dir) / recipe.run_name
     return Accelerator(
         mixed_precision=training.mixed_precision,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         cpu=training.cpu,
         log_with=recipe.logging.report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(trackers.tensorboard_dir(run_dir))),
         step_scheduler_with_optimizer=False,
     )
 
