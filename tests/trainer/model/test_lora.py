@@ -111,6 +111,14 @@ def test_merged_export_matches_the_adapter_model_and_loads_without_peft(tmp_path
     assert (again.cpu() - expected).abs().max().item() <= 1e-5
     read_back = Encoder.from_config(embedding_config(str(kept)))  # embtrain eval reads the adapter folder too
     assert (read_back.encode(texts, is_query=True) - expected).abs().max().item() <= 1e-5
+    assert "names its base by a local path" in capsys.readouterr().err  # the tiny base is a local folder
+
+    named = tmp_path / "named"
+    assert main(["export", str(best), "--out", str(named), "--keep-adapter", "--adapter-base", "org/tiny-bert"]) == 0
+    assert json.loads((named / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-bert"
+    assert "names its base by a local path" not in capsys.readouterr().err
+    assert main(["export", str(best), "--out", str(tmp_path / "x"), "--adapter-base", "org/tiny-bert"]) == 2
+    assert "add --keep-adapter" in capsys.readouterr().err
 
 
 def test_a_lora_checkpoint_evaluates_and_starts_a_new_run_merged(tmp_path, tiny_model, pairs_file, tiny_beir, capsys):
