@@ -255,6 +255,72 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_memory(text: str) -> int:
+    """'24GB', '80G', '16GiB', '512MB' -> bytes (GB taken as GiB, as GPU makers' sizes are)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([GgMm])(?:i?[Bb])?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a memory size such as 24GB or 512MB")
+    return int(float(match.group(1)) * (2**30 if match.group(2).lower() == "g" else 2**20))
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from trainer.estimate import estimate, gigabytes, suggest_chunk_size, training_steps
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    options = {"world_size": args.world_size, "device": args.device}
+    plain = estimate(recipe, zero_stage=args.zero_stage, **options)
+    steps = training_steps(recipe, args.world_size)
+    lines = [f"{args.recipe}: {recipe.model.name_or_path}, batch {recipe.data.batch_size} per process x {args.world_size} "
+             f"process(es), {recipe.model.max_seq_length} tokens per text (the worst case: every text that long)"]
+    if steps is not None:
+        per_epoch, total = steps
+        lines.append(f"steps: {per_epoch} per epoch, {total} in all")
+    trainable = plain.trainable_parameters
+    lines.append(f"parameters: {trainable:,} trainable of {plain.total_parameters:,} ({100 * trainable / max(plain.total_parameters, 1):.2f}%)")
+    chunk = recipe.training.grad_cache_chunk_size
+    columns = {"this recipe": plain}
+    if chunk is None:
+        columns[f"cached loss, chunks of {min(32, recipe.data.batch_size)}"] = estimate(
+            recipe, zero_stage=args.zero_stage, chunk_size=min(32, recipe.data.batch_size), **options)
+    if not recipe.model.gradient_checkpointing:
+        columns["+ gradient checkpointing"] = estimate(recipe, zero_stage=args.zero_stage, gradient_checkpointing=True, **options)
+    where = "GPU" if args.device == "gpu" else "CPU"
+    lines.append(f"memory per process on a {where}, ZeRO stage {args.zero_stage}:")
+    lines.append(f"  {'':34}" + "".join(f"{name:>32}" for name in columns))
+    for index, (label, _) in enumerate(plain.rows()):
+        lines.append(f"  {label:34}" + "".join(f"{gigabytes(e.rows()[index][1]):>32}" for e in columns.values()))
+    lines.append(f"  {'total':34}" + "".join(f"{gigabytes(e.total):>32}" for e in columns.values()))
+    if args.world_size > 1:
+        stages = "  ".join(f"stage {stage}: {gigabytes(estimate(recipe, zero_stage=stage, **options).total)}" for stage in range(4))
+        lines.append(f"by ZeRO stage (DeepSpeed; FSDP full shard is about stage 3): {stages}")
+    lines.extend(f"note: {note}" for note in plain.notes)
+    from trainer.run_summary import read_summary
+
+    summary = read_summary(Path(recipe.checkpointing.output_dir) / recipe.run_name)
+    if summary and summary.get("peak_memory_gb"):  # the run has happened: how close the estimate came
+        measured = summary["peak_memory_gb"] * 2**30
+        kind = "resident" if summary.get("peak_memory_kind") == "cpu_rss" else "GPU allocated"
+        lines.append(f"measured peak of {summary['run_dir']} ({kind}, {summary['status']}): {gigabytes(measured)}, "
+                     f"{measured / plain.total:.2f}x this estimate (for its device: --device "
+                     f"{'cpu' if summary.get('peak_memory_kind') == 'cpu_rss' else 'gpu'})")
+    status = 0
+    if args.device_memory is not None:
+        if plain.total <= args.device_memory:
+            lines.append(f"fits {gigabytes(args.device_memory)}: {gigabytes(plain.total)} estimated")
+        else:
+            status = 3
+            suggestion = suggest_chunk_size(recipe, args.device_memory, zero_stage=args.zero_stage, **options)
+            advice = (f"set training.grad_cache_chunk_size={suggestion} (the same loss and gradients, "
+                      f"{gigabytes(estimate(recipe, zero_stage=args.zero_stage, chunk_size=suggestion, **options).total)})"
+                      if suggestion else "even chunks of 1 text do not fit: try model.gradient_checkpointing: true, "
+                      "model.lora, a shorter max_seq_length, bf16 weights or ZeRO sharding")
+            lines.append(f"warning: does not fit {gigabytes(args.device_memory)}: {gigabytes(plain.total)} estimated; {advice}")
+    print("\n".join(lines))
+    return status
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from trainer.run_summary import list_runs, runs_table
 
@@ -346,6 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--dry-run", action="store_true", help="list what would be uploaded and stop")
     push.set_defaults(func=cmd_push)
+
+    estimate = commands.add_parser("estimate", help="steps, parameters and the memory a training step needs, before a run")
+    estimate.add_argument("recipe", help="recipe YAML file")
+    estimate.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    estimate.add_argument("--world-size", type=positive_int, default=1, help="processes (GPUs) the run will use")
+    estimate.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=0, help="DeepSpeed ZeRO stage (3: like FSDP)")
+    estimate.add_argument("--device", choices=["cpu", "gpu"], default="gpu", help="where the run will train")
+    estimate.add_argument("--device-memory", type=parse_memory, help="memory per device, e.g. 24GB: say whether the step fits")
+    estimate.set_defaults(func=cmd_estimate)
 
     runs = commands.add_parser("runs", help="list the runs in a checkpoints folder: status, step, best metric")
     runs.add_argument("folder", nargs="?", default="checkpoints", help="the checkpoints folder (default: checkpoints)")
