@@ -266,7 +266,7 @@ def parse_memory(text: str) -> int:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from trainer.estimate import estimate, gigabytes, suggest_chunk_size, training_steps
+    from trainer.estimate import SAFETY_MARGIN, estimate, gigabytes, needed, suggest_chunk_size, training_steps
 
     recipe = load_recipe(args.recipe, args.overrides)
     options = {"world_size": args.world_size, "device": args.device}
@@ -274,51 +274,75 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     steps = training_steps(recipe, args.world_size)
     lines = [f"{args.recipe}: {recipe.model.name_or_path}, batch {recipe.data.batch_size} per process x {args.world_size} "
              f"process(es), {recipe.model.max_seq_length} tokens per text (the worst case: every text that long)"]
-    if steps is not None:
-        per_epoch, total = steps
-        lines.append(f"steps: {per_epoch} per epoch, {total} in all")
+    if isinstance(steps, str):
+        lines.append(f"steps: unknown, the training data cannot be read ({steps})")
+    else:
+        lines.append(f"steps: {steps[0]} per epoch, {steps[1]} in all")
     trainable = plain.trainable_parameters
     lines.append(f"parameters: {trainable:,} trainable of {plain.total_parameters:,} ({100 * trainable / max(plain.total_parameters, 1):.2f}%)")
-    chunk = recipe.training.grad_cache_chunk_size
     columns = {"this recipe": plain}
-    if chunk is None:
+    if recipe.training.grad_cache_chunk_size is None:
         columns[f"cached loss, chunks of {min(32, recipe.data.batch_size)}"] = estimate(
             recipe, zero_stage=args.zero_stage, chunk_size=min(32, recipe.data.batch_size), **options)
     if not recipe.model.gradient_checkpointing:
-        columns["+ gradient checkpointing"] = estimate(recipe, zero_stage=args.zero_stage, gradient_checkpointing=True, **options)
-    where = "GPU" if args.device == "gpu" else "CPU"
-    lines.append(f"memory per process on a {where}, ZeRO stage {args.zero_stage}:")
-    lines.append(f"  {'':34}" + "".join(f"{name:>32}" for name in columns))
+        name = "gradient checkpointing" if len(columns) > 1 else "this recipe + gradient checkpointing"
+        columns[name] = estimate(recipe, zero_stage=args.zero_stage, gradient_checkpointing=True, **options)
+    where = "GPU (memory PyTorch allocates)" if args.device == "gpu" else "CPU (resident memory)"
+    lines.append(f"memory per process on a {where}, ZeRO stage {args.zero_stage}; GB = 2^30 bytes:")
+    width = max(len(name) for name in columns) + 3
+    lines.append(f"  {'':34}" + "".join(f"{name:>{width}}" for name in columns))
     for index, (label, _) in enumerate(plain.rows()):
-        lines.append(f"  {label:34}" + "".join(f"{gigabytes(e.rows()[index][1]):>32}" for e in columns.values()))
-    lines.append(f"  {'total':34}" + "".join(f"{gigabytes(e.total):>32}" for e in columns.values()))
+        lines.append(f"  {label:34}" + "".join(f"{gigabytes(e.rows()[index][1]):>{width}}" for e in columns.values()))
+    lines.append(f"  {'total':34}" + "".join(f"{gigabytes(e.total):>{width}}" for e in columns.values()))
     if args.world_size > 1:
         stages = "  ".join(f"stage {stage}: {gigabytes(estimate(recipe, zero_stage=stage, **options).total)}" for stage in range(4))
         lines.append(f"by ZeRO stage (DeepSpeed; FSDP full shard is about stage 3): {stages}")
     lines.extend(f"note: {note}" for note in plain.notes)
-    from trainer.run_summary import read_summary
-
-    summary = read_summary(Path(recipe.checkpointing.output_dir) / recipe.run_name)
-    if summary and summary.get("peak_memory_gb"):  # the run has happened: how close the estimate came
-        measured = summary["peak_memory_gb"] * 2**30
-        kind = "resident" if summary.get("peak_memory_kind") == "cpu_rss" else "GPU allocated"
-        lines.append(f"measured peak of {summary['run_dir']} ({kind}, {summary['status']}): {gigabytes(measured)}, "
-                     f"{measured / plain.total:.2f}x this estimate (for its device: --device "
-                     f"{'cpu' if summary.get('peak_memory_kind') == 'cpu_rss' else 'gpu'})")
+    lines.extend(measured_peak_lines(recipe, args.device, plain.total))
     status = 0
     if args.device_memory is not None:
-        if plain.total <= args.device_memory:
-            lines.append(f"fits {gigabytes(args.device_memory)}: {gigabytes(plain.total)} estimated")
+        budget, wanted = args.device_memory, needed(plain, args.device)
+        margin = f"{gigabytes(plain.total)} estimated, {gigabytes(wanted)} with the {SAFETY_MARGIN:.2f}x margin" + (
+            " and the CUDA context" if args.device == "gpu" else "")
+        if wanted <= budget:
+            lines.append(f"fits {gigabytes(budget)}: {margin}")
         else:
             status = 3
-            suggestion = suggest_chunk_size(recipe, args.device_memory, zero_stage=args.zero_stage, **options)
-            advice = (f"set training.grad_cache_chunk_size={suggestion} (the same loss and gradients, "
-                      f"{gigabytes(estimate(recipe, zero_stage=args.zero_stage, chunk_size=suggestion, **options).total)})"
+            suggestion = suggest_chunk_size(recipe, budget, zero_stage=args.zero_stage, **options)
+            advice = (f"set training.grad_cache_chunk_size={suggestion} (the same loss and gradients; "
+                      f"{gigabytes(needed(estimate(recipe, zero_stage=args.zero_stage, chunk_size=suggestion, **options), args.device))} "
+                      "with the margin)"
                       if suggestion else "even chunks of 1 text do not fit: try model.gradient_checkpointing: true, "
                       "model.lora, a shorter max_seq_length, bf16 weights or ZeRO sharding")
-            lines.append(f"warning: does not fit {gigabytes(args.device_memory)}: {gigabytes(plain.total)} estimated; {advice}")
+            lines.append(f"warning: does not fit {gigabytes(budget)}: {margin}; {advice}")
     print("\n".join(lines))
     return status
+
+
+def measured_peak_lines(recipe, device: str, estimated: int) -> list[str]:
+    """After the run: its measured peak against this estimate, when the run is of this very recipe
+    and was measured on this kind of device."""
+    from dataclasses import asdict
+
+    from trainer.estimate import gigabytes
+    from trainer.run_summary import read_summary
+
+    run_dir = Path(recipe.checkpointing.output_dir) / recipe.run_name
+    summary = read_summary(run_dir)
+    if not summary or not summary.get("peak_memory_gb"):
+        return []
+    try:
+        same = asdict(load_recipe(str(run_dir / "recipe.yaml"), [])) == asdict(recipe)
+    except (RecipeError, DataError, OSError):
+        same = False
+    if not same:
+        return [f"note: {run_dir} is a run of other settings than these; its peak is not compared"]
+    kind = summary.get("peak_memory_kind")
+    if (kind == "cpu_rss") != (device == "cpu"):
+        return [f"note: {run_dir} was measured on a {'CPU' if kind == 'cpu_rss' else 'GPU'}; estimate with --device "
+                f"{'cpu' if kind == 'cpu_rss' else 'gpu'} to compare"]
+    measured = summary["peak_memory_gb"] * 2**30
+    return [f"measured peak of {run_dir} ({summary['status']}): {gigabytes(measured)}, {measured / estimated:.2f}x this estimate"]
 
 
 def cmd_runs(args: argparse.Namespace) -> int:

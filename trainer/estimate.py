@@ -35,6 +35,11 @@ CPU_BASELINE_BYTES = int(0.85 * GiB)
 """Resident memory of a training process before its model and batch (Python, PyTorch,
 transformers, the tokenizer, the data): measured on Linux at 0.85-0.95 GB."""
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SAFETY_MARGIN = 1.25
+"""The estimate errs low, by up to about 20% against peaks measured on a CPU (README): a fit
+check asks for 25% more than it."""
+CUDA_CONTEXT_BYTES = int(0.5 * GiB)
+"""The CUDA context and kernels, which a GPU needs beyond the memory PyTorch allocates."""
 
 
 @dataclass
@@ -279,26 +284,32 @@ def _frozen_weight_bytes(recipe: Recipe) -> int:
     return total
 
 
-def suggest_chunk_size(recipe: Recipe, budget: int, **options) -> int | None:
-    """The largest power-of-two cached-loss chunk whose step fits `budget` bytes; None if none does."""
+def needed(value: Estimate, device: str) -> int:
+    """What a device must have for the step: the estimate with the safety margin, and on a GPU
+    the CUDA context."""
+    return int(value.total * SAFETY_MARGIN) + (CUDA_CONTEXT_BYTES if device == "gpu" else 0)
+
+
+def suggest_chunk_size(recipe: Recipe, budget: int, *, device: str, **options) -> int | None:
+    """The largest power-of-two cached-loss chunk whose step fits `budget` bytes (`needed`); None if none does."""
     size = 1 << int(math.log2(max(recipe.data.batch_size, 1) * 4))
     while size >= 1:
-        if estimate(recipe, chunk_size=size, **options).total <= budget:
+        if needed(estimate(recipe, chunk_size=size, device=device, **options), device) <= budget:
             return size
         size //= 2
     return None
 
 
-def training_steps(recipe: Recipe, world_size: int) -> tuple[int, int] | None:
-    """(steps per epoch, steps in all) as the run's sampler will give them; None without the data."""
+def training_steps(recipe: Recipe, world_size: int) -> tuple[int, int] | str:
+    """(steps per epoch, steps in all) as the run's sampler will give them; without the data, why."""
     from trainer.data.errors import DataError
     from trainer.data.readers import read_training_data
     from trainer.data.sampler import NoDuplicatesBatchSampler
 
     try:
         examples = read_training_data(recipe.data.train, recipe.data.num_negatives)
-    except DataError:
-        return None
+    except DataError as exc:
+        return str(exc)
     steps = []
     for rank in range(world_size):
         sampler = NoDuplicatesBatchSampler(

@@ -249,8 +249,12 @@ def run_status(run_dir: Path) -> dict:
             status = "finished" if state.get("finished") else "stopped"
     if status is None:
         status = "no checkpoint"
+    logged = None
+    if step is None:  # killed before its first checkpoint: the last step it logged
+        rows = [r for r in read_metrics(run_dir) if is_training_row(r)]
+        logged = rows[-1]["step"] if rows else None
     return {
-        "run": run_dir.name, "status": status, "step": step, "total_steps": summary.get("total_steps"),
+        "run": run_dir.name, "status": status, "step": step, "logged_step": logged, "total_steps": summary.get("total_steps"),
         "best": best, "path": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else None,
     }
 
@@ -279,7 +283,9 @@ def runs_table(runs: list[dict]) -> str:
     header = f"{'run':<28} {'status':<34} {'step':>11}  {'best':<34} path"
     lines = [header]
     for run in runs:
-        steps = "" if run["step"] is None else f"{run['step']}" + (f"/{run['total_steps']}" if run["total_steps"] else "")
+        total = f"/{run['total_steps']}" if run["total_steps"] else ""
+        steps = f"{run['step']}{total}" if run["step"] is not None else (
+            f"{run['logged_step']}{total} logged" if run.get("logged_step") is not None else (f"0{total}" if total else ""))
         best = run["best"]
         shown = "" if not best or best.get("value") is None else (
             f"{best.get('metric') or 'best'} {best['value']:.4f} @ {best['step']}"

@@ -66,13 +66,13 @@ def environment(accelerator) -> dict[str, str | int]:
     import accelerate
     import transformers
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__), "transformers": transformers.__version__,
                 "accelerate": accelerate.__version__}
     for name in ("peft", "sentence_transformers", "deepspeed"):
         spec = importlib.util.find_spec(name)
         if spec is not None:
             try:
-                versions[name] = __import__(name).__version__
+                versions[name] = str(__import__(name).__version__)
             except Exception:  # noqa: BLE001 - a broken optional package must not stop the run
                 continue
     device = accelerator.device
@@ -86,5 +86,5 @@ def environment(accelerator) -> dict[str, str | int]:
         summary["env/cpu_threads"] = torch.get_num_threads()
     summary["env/world_size"] = accelerator.num_processes
     summary["env/mixed_precision"] = str(accelerator.mixed_precision)
-    summary["env/distributed_type"] = str(accelerator.distributed_type)
+    summary["env/distributed_type"] = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
     return summary

@@ -72,10 +72,25 @@ def test_a_batch_that_does_not_fit_gets_a_chunk_size_that_does(tmp_path, capsys)
     assert main(["estimate", str(path), *overrides, "--device", "cpu", "--device-memory", "1.5GB"]) == 3
     out = capsys.readouterr().out
     assert "steps: 2 per epoch, 4 in all" in out and "warning: does not fit 1.50 GB" in out
-    chunk = int(out.split("training.grad_cache_chunk_size=")[1].split()[0])
-    assert main(["estimate", str(path), *overrides, f"training.grad_cache_chunk_size={chunk}", "--device", "cpu",
-                 "--device-memory", "1.5GB"]) == 0
+    chunk = int(out.split("training.grad_cache_chunk_size=")[1].split(" ")[0].rstrip(";"))
+    followed = [*overrides, f"training.grad_cache_chunk_size={chunk}"]
+    assert main(["estimate", str(path), *followed, "--device", "cpu", "--device-memory", "1.5GB"]) == 0
     assert "fits 1.50 GB" in capsys.readouterr().out
+    # after a run of these settings, its measured peak is compared; a run of others is not
+    from trainer.loop import train
+
+    train(load_recipe(path, [*followed, "training.max_steps=1"]))
+    capsys.readouterr()
+    assert main(["estimate", str(path), *followed, "training.max_steps=1", "--device", "cpu"]) == 0
+    assert "x this estimate" in capsys.readouterr().out
+    assert main(["estimate", str(path), *overrides, "--device", "cpu"]) == 0
+    assert "run of other settings than these; its peak is not compared" in capsys.readouterr().out
+    assert main(["estimate", str(path), *followed, "training.max_steps=1", "--device", "gpu"]) == 0
+    assert "was measured on a CPU; estimate with --device cpu" in capsys.readouterr().out
+    (pairs.parent / "moved.jsonl").write_text("")
+    pairs.unlink()
+    assert main(["estimate", str(path), *overrides, "--device", "cpu"]) == 0
+    assert "steps: unknown, the training data cannot be read" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(["estimate", str(path), "--device-memory", "lots"])
     assert exit_info.value.code == 2 and "not a memory size such as 24GB" in capsys.readouterr().err

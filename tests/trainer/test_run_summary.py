@@ -80,6 +80,7 @@ def test_runs_lists_each_run_with_its_status(tmp_path, tiny_model, pairs_file, t
     (killed / "recipe.yaml").write_text("run_name: killed\n")
     dead = 2**22 + 12345  # above Linux's default pid_max: no such process
     (killed / "summary.json").write_text(json.dumps({"status": "running", "pid": dead, "host": socket.gethostname(), "total_steps": 9}))
+    (killed / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "loss": 1.9, "lr": 0.1}\n{"step": 3, "lo')
     live = tmp_path / "runs" / "live"
     live.mkdir()
     (live / "recipe.yaml").write_text("run_name: live\n")
@@ -91,6 +92,7 @@ def test_runs_lists_each_run_with_its_status(tmp_path, tiny_model, pairs_file, t
     assert set(runs) == {"done", "killed", "live"}
     assert runs["done"]["status"] == "finished" and runs["done"]["step"] == 2 and runs["done"]["best"]["step"] == 2
     assert runs["killed"]["status"].startswith("killed") and runs["live"]["status"] == "running"
+    assert runs["killed"]["step"] is None and runs["killed"]["logged_step"] == 2  # the line cut short is skipped
     assert main(["runs", str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out
-    assert "tiny/ndcg@10" in table and "2/2" in table
+    assert "tiny/ndcg@10" in table and "2/2" in table and "2/9 logged" in table
