@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import sys
 import shutil
 import tempfile
@@ -369,7 +370,18 @@ def export(
             )
     if keep_adapter:  # after the parity check, which loads the adapter onto the local base
         name_adapter_base(tmp, adapter_base)
+    readable_by_umask(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return ExportResult(out, diff, PARITY_TOLERANCE[dtype], onnx_diff)
+
+
+def readable_by_umask(folder: Path) -> None:
+    """Files as the user's umask would make them: safetensors writes its files owner-only (0600),
+    which an exported folder shared with others or copied into a container cannot be read from."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)

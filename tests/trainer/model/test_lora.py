@@ -2,6 +2,7 @@
 export embeds like the adapter model and loads without peft."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -105,6 +106,9 @@ def test_merged_export_matches_the_adapter_model_and_loads_without_peft(tmp_path
     kept = tmp_path / "adapter"
     assert main(["export", str(best), "--out", str(kept), "--keep-adapter"]) == 0
     assert (kept / "adapter_config.json").exists() and not (kept / "model.safetensors").exists()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {path.stat().st_mode & 0o777 for path in kept.rglob("*") if path.is_file()} == {0o666 & ~mask}  # not safetensors' 0600
     from sentence_transformers import SentenceTransformer
 
     again = SentenceTransformer(str(kept), device="cpu").encode(texts, convert_to_tensor=True)
