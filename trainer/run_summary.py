@@ -244,7 +244,7 @@ def run_status(run_dir: Path) -> dict:
             state = {}
         step = state.get("step", step)
         if best is None and state.get("best_step") is not None:
-            best = {"metric": None, "value": state.get("best_metric"), "step": state.get("best_step")}
+            best = {"metric": _metric_for_best(run_dir), "value": state.get("best_metric"), "step": state.get("best_step")}
         if status is None:
             status = "finished" if state.get("finished") else "stopped"
     if status is None:
@@ -257,6 +257,17 @@ def run_status(run_dir: Path) -> dict:
         "run": run_dir.name, "status": status, "step": step, "logged_step": logged, "total_steps": summary.get("total_steps"),
         "best": best, "path": str(run_dir), "checkpoint": str(checkpoint) if checkpoint else None,
     }
+
+
+def _metric_for_best(run_dir: Path) -> str | None:
+    """The run's evaluation.metric_for_best, from the recipe it saved."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+        return recipe["evaluation"]["metric_for_best"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
 
 
 def _alive(summary: dict) -> bool:
