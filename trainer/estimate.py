@@ -106,23 +106,11 @@ def _fake_backbone(model_config, num_layers: int | None = None):
     take no memory."""
     from transformers import AutoModel
 
-    from trainer.model.encoder import DROPOUT_FIELDS, attention_kernel, read_backbone_config
+    from trainer.model.encoder import attention_kernel, dropout_settings, keep_first_layers, keep_layers, read_backbone_config
 
-    _, config = read_backbone_config(model_config)
-    for key, names in DROPOUT_FIELDS.items():
-        value = getattr(model_config, key)
-        if value is not None:
-            for name in names:
-                if isinstance(getattr(config, name, None), (int, float)):
-                    setattr(config, name, value)
-                    break
-    layers = num_layers
-    if layers is None:
-        layers = len(model_config.layers) if model_config.layers else model_config.num_layers
-    if layers is not None:
-        config.num_hidden_layers = layers
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[:layers]
+    path, config = read_backbone_config(model_config)
+    for name, value in dropout_settings(path, model_config).items():
+        setattr(config, name, value)
     options = {"trust_remote_code": model_config.trust_remote_code}
     kernel = attention_kernel(model_config.attn_implementation) if model_config.attn_implementation != "flash_attention_2" else "sdpa"
     if kernel is not None:
@@ -133,6 +121,13 @@ def _fake_backbone(model_config, num_layers: int | None = None):
             backbone = AutoModel.from_config(config, add_pooling_layer=False, **options)
         except TypeError:
             backbone = AutoModel.from_config(config, **options)
+    if model_config.layers is not None:  # the recipe's cut, as training makes it
+        keep_layers(backbone, model_config.layers, model_config.name_or_path)
+    if model_config.num_layers is not None:
+        keep_first_layers(backbone, model_config.num_layers, model_config.name_or_path)
+    if num_layers is not None:
+        keep_first_layers(backbone, num_layers, model_config.name_or_path)
+    config = backbone.config  # as cut
     if model_config.lora is not None:
         from unittest import mock
 
@@ -214,7 +209,7 @@ def estimate(recipe: Recipe, *, world_size: int = 1, zero_stage: int = 0, device
         else:  # one chunk at a time, the longest texts being the worst chunk
             biggest = (min(shape.chunk_size, max(shape.batch_size, documents)), length)
             full = saved_activation_bytes(backbone, *biggest, autocast)
-        one_layer = _per_layer(backbone, config, model_config, biggest, autocast, full if shape.chunk_size else None)
+        one_layer = _per_layer(config, model_config, biggest, autocast)
         if checkpointing:
             hidden = getattr(config, "hidden_size", 0)
             element = 2 if autocast is not None else DTYPE_BYTES.get(str(next(iter(parameters)).dtype).removeprefix("torch."), 4)
@@ -242,13 +237,13 @@ def estimate(recipe: Recipe, *, world_size: int = 1, zero_stage: int = 0, device
     return Estimate(weights, gradients, optimizer, activations, frozen, baseline, total, trainable_count, notes)
 
 
-def _per_layer(backbone, config, model_config, shape: tuple[int, int], autocast, _full) -> int:
+def _per_layer(config, model_config, shape: tuple[int, int], autocast) -> int:
     """One transformer layer's saved activations for `shape`: the difference between the backbone
     cut to two layers and to one."""
-    layers = getattr(config, "num_hidden_layers", 1) or 1
-    if layers < 2:
-        return saved_activation_bytes(backbone, *shape, autocast)
     one, _ = _fake_backbone(model_config, num_layers=1)
+    if (getattr(config, "num_hidden_layers", 1) or 1) < 2:
+        one.train()
+        return saved_activation_bytes(one, *shape, autocast)
     two, _ = _fake_backbone(model_config, num_layers=2)
     one.train(), two.train()
     return max(0, saved_activation_bytes(two, *shape, autocast) - saved_activation_bytes(one, *shape, autocast))
@@ -310,16 +305,12 @@ def training_steps(recipe: Recipe, world_size: int) -> tuple[int, int] | str:
         examples = read_training_data(recipe.data.train, recipe.data.num_negatives)
     except DataError as exc:
         return str(exc)
-    steps = []
-    for rank in range(world_size):
-        sampler = NoDuplicatesBatchSampler(
-            examples.keys, recipe.data.batch_size, seed=recipe.seed, shuffle=recipe.data.shuffle, num_replicas=world_size,
-            rank=rank, weights=[s.weight for s in recipe.data.train] if recipe.data.train[0].weight is not None else None,
-            homogeneous=recipe.data.batching == "homogeneous", accumulation_steps=recipe.training.gradient_accumulation_steps,
-        )
-        steps.append(len(sampler) // recipe.training.gradient_accumulation_steps)
-        break  # every process gets the same count
-    per_epoch = steps[0]
+    sampler = NoDuplicatesBatchSampler(  # every process gets as many batches as process 0
+        examples.keys, recipe.data.batch_size, seed=recipe.seed, shuffle=recipe.data.shuffle, num_replicas=world_size,
+        rank=0, weights=[s.weight for s in recipe.data.train] if recipe.data.train[0].weight is not None else None,
+        homogeneous=recipe.data.batching == "homogeneous", accumulation_steps=recipe.training.gradient_accumulation_steps,
+    )
+    per_epoch = len(sampler) // recipe.training.gradient_accumulation_steps
     return per_epoch, recipe.training.max_steps or recipe.training.epochs * per_epoch
 
 
