@@ -7,6 +7,7 @@ Entries are written atomically; one that cannot be read counts as missing and is
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -22,8 +23,22 @@ CACHE_VERSION = 4
 
 
 def _files_digest(files: list[Path]) -> str:
+    """The files' content, computed once per process for files unchanged since (same size and
+    modification time): the eval cache and the embedding cache both key on a model's weights."""
+    stamps = tuple((str(path.absolute()), *_stamp(path)) for path in files)
+    return _digest_of(stamps)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(stamps: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    for path in files:
+    for name, _, _ in stamps:
+        path = Path(name)
         digest.update(path.name.encode())
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 22), b""):
