@@ -206,6 +206,22 @@ def record_changes(folder: RunFolder, step: int, accelerator: Accelerator) -> No
             handle.write(json.dumps(record) + "\n")
 
 
+def read_metrics(path: Path) -> tuple[list[dict], int]:
+    """The rows of a metrics.jsonl (mappings with an integer step), and how many lines were not
+    such rows (a line cut short by a kill, say). OSError and UnicodeDecodeError go to the caller."""
+    rows, skipped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        else:
+            skipped += 1
+    return rows, skipped
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop rows after `step`: the steps a resume replays are logged again."""
     if not path.exists():

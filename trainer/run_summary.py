@@ -88,17 +88,12 @@ def running_summary(run_dir: Path, total_steps: int, resumed: bool) -> dict:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl rows (none if it has none)."""
     from trainer.run_dir import METRICS_FILE
+    from trainer.run_dir import read_metrics as read_rows
 
-    rows = []
     path = run_dir / METRICS_FILE
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a kill
-    return rows
+    return read_rows(path)[0] if path.exists() else []
 
 
 def is_training_row(row: dict) -> bool:

@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from trainer.config import DIM_SUFFIX, dim_suffix
+from trainer.run_dir import read_metrics
 
 PLOT_FILE = "training_curves.png"
 STUDENT_FILE = "student.json"
@@ -49,20 +50,12 @@ def read_run(run_dir: Path | None) -> RunRecord:
     metrics_file = run_dir / "metrics.jsonl"
     if metrics_file.exists():
         try:
-            lines = metrics_file.read_text(encoding="utf-8").splitlines()
+            rows, skipped = read_metrics(metrics_file)  # skipped: e.g. a line cut short when a run was killed
         except (OSError, ValueError) as exc:
             _warn(f"{metrics_file}: not read ({type(exc).__name__}); the card leaves the curves out")
-            lines = []
-        skipped = 0
-        for line in lines:
-            try:
-                row = json.loads(line)
-                valid = isinstance(row, dict) and isinstance(row.get("step"), int)
-            except ValueError:
-                valid = False
-            if not valid:
-                skipped += 1  # e.g. a line cut short when a run was killed
-            elif isinstance(row.get("loss"), (int, float)):
+            rows, skipped = [], 0
+        for row in rows:
+            if isinstance(row.get("loss"), (int, float)):
                 record.losses.append((row["step"], row["loss"]))
             elif any("/" in key for key in row) and all(isinstance(v, (int, float)) for v in row.values()):
                 record.evaluations.append(row)
