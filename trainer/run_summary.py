@@ -66,10 +66,9 @@ def peak_memory() -> dict[str, float | str]:
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     """Atomically, so that a reader never sees half of it."""
-    path = run_dir / SUMMARY_FILE
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    from trainer.run_dir import write_atomic
+
+    write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 
 def read_summary(run_dir: Path) -> dict | None:
