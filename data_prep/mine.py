@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from data_prep.output import check_output, positive_int, tool_main, write_jsonl
+from trainer import precision
 from trainer.config import PairsSource
 from trainer.data.beir import jsonl_rows, read_beir
 from trainer.data.errors import DataError
@@ -231,6 +232,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--search", choices=["exact", "faiss"], default="exact",
                         help="exact: chunked torch matrix products; faiss: flat FAISS index (pip install faiss-cpu)")
     parser.add_argument("--max-seq-length", type=positive_int, help="override the model's saved maximum length")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "auto"], default="no", help=precision.HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
@@ -270,12 +272,15 @@ def run(args: argparse.Namespace) -> int:
     from trainer.model.embedding_cache import cached_text_encoder
 
     started = time.time()
-    rows, report = mine(task, cached_text_encoder(encoder, config, next(encoder.parameters()).device.type), settings)
+    device_type = next(encoder.parameters()).device.type
+    mixed_precision = precision.resolve(args.mixed_precision, device_type)
+    with precision.autocast(mixed_precision, device_type):
+        rows, report = mine(task, cached_text_encoder(encoder, config, device_type, mixed_precision), settings)
     manifest = {
         "tool": "embtrain prep mine",
         "source": source,
         "model": args.model,
-        "settings": {**asdict(settings), "max_seq_length": config.max_seq_length},
+        "settings": {**asdict(settings), "max_seq_length": config.max_seq_length, "mixed_precision": mixed_precision},
         "pairs": sum(len(p) for p in task.positives),
         "queries": len(task.queries),
         "corpus": len(task.corpus),

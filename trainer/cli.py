@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from data_prep.output import os_error_message, positive_int
+from trainer import precision
 from trainer.allocator import configure_allocator
 from trainer.config import (
     ModelConfig,
@@ -146,10 +147,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise RecipeError(f"--dims: {max(args.dims)} is more than the model's {encoder.dim} dimensions")
     if config.embedding_dim is not None:
         print(f"{args.model}: embeddings cut to {config.embedding_dim} dimensions (saved with the model)", file=sys.stderr)
-    text_encoder = cached_text_encoder(encoder, config, next(encoder.parameters()).device.type)
+    device_type = next(encoder.parameters()).device.type
+    mixed_precision = precision.resolve(args.mixed_precision, device_type)
+    text_encoder = cached_text_encoder(encoder, config, device_type, mixed_precision)
     metrics = {}
     for eval_set, evaluator in zip(eval_sets, evaluators):
-        values = evaluate_set(evaluator, text_encoder, args.dims or [], config.normalize)
+        with precision.autocast(mixed_precision, device_type):
+            values = evaluate_set(evaluator, text_encoder, args.dims or [], config.normalize)
         metrics.update(values if len(eval_sets) == 1 else {f"{eval_set.name}/{k}": v for k, v in values.items()})
     if args.json:
         print(json.dumps(metrics))
@@ -392,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep only the first N transformer layers (models trained with adaptive_layers)",
     )
     evaluate.add_argument("--device", help="e.g. cuda or cpu (default: cpu)")
+    evaluate.add_argument("--mixed-precision", choices=["no", "bf16", "auto"], default="no", help=precision.HELP)
     evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     evaluate.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     evaluate.set_defaults(func=cmd_eval)

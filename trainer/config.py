@@ -378,8 +378,10 @@ class TrainingConfig:
     nonfinite_max_consecutive: int = 10
     """With `skip`: stop after this many non-finite steps in a row (the data or the settings are
     broken, not one batch)."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Autocast precision (bf16 also works on CPU)."""
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "no"
+    """Autocast precision. bf16 also works on CPU, and is fast there on CPUs with AVX512-BF16 or
+    AMX (slower than float32 elsewhere). `auto`: bf16 where the device runs it natively (Ampere or
+    later GPUs, such CPUs), else float32. Evaluation during training uses the same precision."""
     gradient_accumulation_steps: int = 1
     """Accumulate gradients over this many batches. Note: this does NOT add negatives; each
     micro-batch only sees its own in-batch negatives. To grow the pool of negatives, raise

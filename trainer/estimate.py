@@ -189,7 +189,10 @@ def estimate(recipe: Recipe, *, world_size: int = 1, zero_stage: int = 0, device
     if chunk_size != -1:
         shape.chunk_size = chunk_size
     checkpointing = model_config.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.training.mixed_precision)
+    from trainer import precision
+
+    device_type = "cuda" if torch.cuda.is_available() and not recipe.training.cpu else "cpu"
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision.resolve(recipe.training.mixed_precision, device_type))
     with FakeTensorMode(allow_non_fake_inputs=True):
         backbone, config = _fake_backbone(model_config)
         backbone.train()

@@ -44,6 +44,7 @@ from trainer.model.embedding_cache import CachedEncoder, EmbeddingCache
 from trainer.model.frozen import cache_identity, cache_name, frozen_key, load_frozen
 from trainer.model.lora import describe_parameters, is_lora, keep_trainable_in_checkpoints
 from trainer.model.sub_batches import SubBatcher
+from trainer import precision
 from trainer.allocator import configure_allocator
 from trainer.preemption import PreemptionWatch
 from trainer.progress import progress_bar
@@ -367,7 +368,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
         f"{len(examples)} training examples, {data.steps_per_epoch} steps per epoch, {data.total_steps} steps, "
         f"batch {recipe.data.batch_size} x {accelerator.num_processes} process(es), run folder {run_dir}"
     )
-    accelerator.print(describe_step(recipe, loss_fn, accelerator.num_processes))
+    accelerator.print(describe_step(recipe, loss_fn, accelerator.num_processes, str(accelerator.mixed_precision)))
     accelerator.print(describe_parameters(encoder, encoder.backbone))
     accelerator.print(f"allocator: {configure_allocator()}")  # `embtrain` did it at start; a call from Python does it here
     saved_at = state.step if folder.resume else None
@@ -469,7 +470,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
     return metrics
 
 
-def describe_step(recipe: Recipe, loss_fn: WeightedLoss, num_processes: int) -> str:
+def describe_step(recipe: Recipe, loss_fn: WeightedLoss, num_processes: int, mixed_precision: str) -> str:
     """One line saying how each step runs: the loss terms, the cached loss, cross-device
     negatives, frozen models and the precision, so that a run shows what it does."""
     training = recipe.training
@@ -488,7 +489,7 @@ def describe_step(recipe: Recipe, loss_fn: WeightedLoss, num_processes: int) -> 
     frozen = [config.name_or_path for config in loss_fn.frozen_encoders().values()]
     if frozen:
         parts.append("frozen: " + ", ".join(frozen))
-    parts.append(f"precision {training.mixed_precision}")
+    parts.append(f"precision {mixed_precision}" + (" (auto)" if training.mixed_precision == "auto" else ""))
     return "step: " + "; ".join(parts)
 
 
@@ -516,8 +517,9 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
     training = recipe.training
     trackers.check_installed(recipe.logging.report_to)
     run_dir = Path(recipe.checkpointing.output_dir) / recipe.run_name
+    device_type = "cuda" if torch.cuda.is_available() and not training.cpu else "cpu"
     return Accelerator(
-        mixed_precision=training.mixed_precision,
+        mixed_precision=precision.resolve(training.mixed_precision, device_type),
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         cpu=training.cpu,
         log_with=recipe.logging.report_to or None,

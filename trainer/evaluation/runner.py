@@ -51,7 +51,7 @@ class EvalRunner:
         text_encoder = ShardedEncoder(accelerator, unwrapped, forward_module(encoder))
         if cached and accelerator.num_processes == 1:  # the model as loaded: its embeddings may be known
             text_encoder = cached_text_encoder(
-                text_encoder, self.recipe.model, accelerator.device.type, self.recipe.training.mixed_precision
+                text_encoder, self.recipe.model, accelerator.device.type, str(accelerator.mixed_precision)
             )
         metrics: dict[str, float] = {}
         for eval_set in self.config.sets:
