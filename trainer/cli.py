@@ -191,6 +191,16 @@ def check_device(name: str):
     return device
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from trainer.merge import merge
+
+    out = merge(args.models, args.out, args.weights, args.overwrite, args.trust_remote_code)
+    weights = ", ".join(f"{w:.3g}" for w in json.loads((out / "merge.json").read_text())["weights"])
+    print(f"merged {len(args.models)} models (weights {weights}) into {out}")
+    print(f"evaluate: embtrain eval {args.out} --beir FOLDER; export: embtrain export {args.out} --out FOLDER")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from trainer.checkpoint import saved_step
     from trainer.export.model_card import write_model_card
@@ -451,6 +461,14 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--device-memory", type=parse_memory, help="memory per device, e.g. 24GB: say whether the step fits")
     estimate.set_defaults(func=cmd_estimate)
 
+    merge = commands.add_parser("merge", help="average several fine-tuned models' weights (model soup) into a model folder")
+    merge.add_argument("models", nargs="+", help="two or more checkpoints (RUN/best, RUN/step_N) or embtrain model folders")
+    merge.add_argument("--out", required=True, help="folder for the merged model")
+    merge.add_argument("--weights", type=float, nargs="+", help="one weight per model, scaled to sum to 1 (default: uniform)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    merge.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    merge.set_defaults(func=cmd_merge)
+
     runs = commands.add_parser("runs", help="list the runs in a checkpoints folder: status, step, best metric")
     runs.add_argument("folder", nargs="?", default="checkpoints", help="the checkpoints folder (default: checkpoints)")
     runs.add_argument("--json", action="store_true", help="print the list as JSON")
@@ -459,10 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep = commands.add_parser("prep", help="data preparation tools (data_prep/)")
     tools = prep.add_subparsers(dest="tool", required=True)
     from data_prep import decoder, embed, ingest, leakage, mine, score, student
+    from data_prep import filter as filter_pairs
 
     for name, module, help_text in (
         ("ingest", ingest, "check and normalise a training set (any format), remove duplicates and leaks"),
         ("mine", mine, "mine hard negatives with an embedding model"),
+        ("filter", filter_pairs, "keep pairs whose positive a model ranks in its top k (consistency filtering)"),
         ("leakage", leakage, "drop training rows whose query occurs in evaluation data"),
         ("score", score, "add a teacher's scores (embedding model or cross-encoder)"),
         ("student", student, "build a distillation student from chosen layers of a model"),
