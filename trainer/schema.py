@@ -17,6 +17,9 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+YAML_BOOLEANS = {False: ("no", "off", "false", "n"), True: ("yes", "on", "true", "y")}
+"""Unquoted words YAML 1.1 reads as booleans: a choice spelled so is meant when a boolean comes."""
+
 
 class RecipeError(ValueError):
     """A recipe could not be read: the message names the key and its source."""
@@ -102,6 +105,9 @@ class Builder:
         origin = get_origin(tp)
         if origin is Literal:
             choices = get_args(tp)
+            if isinstance(value, bool):  # YAML reads an unquoted no/off/yes/on as a boolean
+                spelled = [c for c in choices if isinstance(c, str) and c.lower() in YAML_BOOLEANS[value]]
+                value = spelled[0] if len(spelled) == 1 else value
             if value not in choices:
                 raise self.error(
                     key, f"{value!r} is not one of {list(choices)}" + _suggest(str(value), map(str, choices))

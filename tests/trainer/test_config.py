@@ -65,6 +65,15 @@ def test_bool_is_not_an_int(tmp_path):
         load_recipe(write(tmp_path, BASE + "training:\n  epochs: true\n"))
 
 
+def test_an_unquoted_no_is_the_choice_no_not_a_boolean(tmp_path):
+    # YAML reads `no` as false; the choice spelled "no" is what the user meant, in the file and in an override
+    assert load_recipe(write(tmp_path, BASE + "training:\n  mixed_precision: no\n")).training.mixed_precision == "no"
+    recipe = load_recipe(write(tmp_path, BASE), ["training.mixed_precision=no"])
+    assert recipe.training.mixed_precision == "no"
+    with pytest.raises(ValueError, match="'model.pooling': True is not one of"):
+        load_recipe(write(tmp_path, BASE.replace("some/model\n", "some/model\n  pooling: yes\n")))
+
+
 def test_missing_required_field(tmp_path):
     with pytest.raises(ValueError, match="'model.name_or_path': required key is missing"):
         load_recipe(write(tmp_path, BASE.replace("  name_or_path: some/model\n", "  pooling: cls\n")))
