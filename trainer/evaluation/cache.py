@@ -88,14 +88,18 @@ def model_fingerprint(model: ModelConfig) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def cache_key(model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | None = None) -> str | None:
-    """None when the model cannot be fingerprinted (`model_fingerprint`)."""
+def cache_key(
+    model: ModelConfig, eval_set: EvalSetConfig, dims: list[int] | None = None, device: str = "cpu", precision: str = "no"
+) -> str | None:
+    """None when the model cannot be fingerprinted (`model_fingerprint`). The kind of device and
+    the autocast precision are part of the key: bf16 scores differ from float32 ones."""
     fingerprint = model_fingerprint(model)
     if fingerprint is None:
         return None
     eval_settings = {k: v for k, v in asdict(eval_set).items() if k not in ("name", "path")}  # names are prefixes
     data = _files_digest(eval_set.files())
-    blob = json.dumps([CACHE_VERSION, fingerprint, eval_settings, data] + ([sorted(dims)] if dims else []), sort_keys=True)
+    computed = [] if (device, precision) == ("cpu", "no") else [device, precision]  # keys of float32 on a CPU as before
+    blob = json.dumps([CACHE_VERSION, fingerprint, eval_settings, data] + ([sorted(dims)] if dims else []) + computed, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 

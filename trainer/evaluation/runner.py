@@ -57,7 +57,9 @@ class EvalRunner:
         for eval_set in self.config.sets:
             key, values = None, None
             if cached and accelerator.is_main_process:
-                key = cache_key(self.recipe.model, eval_set, self.config.dims)
+                key = cache_key(
+                    self.recipe.model, eval_set, self.config.dims, accelerator.device.type, str(accelerator.mixed_precision)
+                )
                 values = self.cache.get(key)
             values = _from_main(accelerator, values)
             if values is None:

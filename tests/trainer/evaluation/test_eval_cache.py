@@ -120,6 +120,8 @@ def test_the_key_changes_with_every_setting_that_changes_embeddings(words_model,
     assert key not in keys and len(keys) == len(changed)
     assert cache_key(replace(base, gradient_checkpointing=True), eval_set) == key
     assert cache_key(replace(base, attention_dropout=0.0, hidden_dropout=0.2), eval_set) == key  # training only
+    # scores computed under bf16 autocast, or on another kind of device, are not float32 CPU scores
+    assert len({key, cache_key(base, eval_set, precision="bf16"), cache_key(base, eval_set, device="cuda")}) == 3
 
 
 def test_the_key_of_lora_and_latent_attention_models(tmp_path, tiny_model, tiny_beir):
