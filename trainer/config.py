@@ -264,6 +264,69 @@ TrainSource = SourceOptions
 
 
 @dataclass
+class RefreshNegativesConfig:
+    """Hard negatives mined again with the model being trained, every few steps (ANCE, Conan):
+    `embtrain prep mine` run inside the job, its corpus embedded in shares by every process. The
+    rows keep their number of negatives (data.num_negatives); a row with too few candidates that
+    pass the guard keeps the negatives it had. Each refresh is saved in the run folder, so a
+    resumed run trains on the negatives it had when it stopped."""
+
+    every_steps: int
+    """Mine again after every this many optimiser steps (e.g. one epoch's steps)."""
+    corpus: str | None = None
+    """Documents to mine from besides the training positives: a BEIR folder (its corpus.jsonl) or
+    a jsonl with `text` (and `title`). null: the positives of the training pairs only."""
+    at_start: bool = False
+    """Mine once before the first step too, with the starting model (replacing the file's negatives)."""
+    ranks: list[int] = field(default_factory=lambda: [1, 50])
+    """[first, last] rank (1-based, known positives removed) a negative may come from."""
+    margin: float | None = None
+    """False-negative guard: keep a candidate only if it scores below positive - margin."""
+    relative_margin: float | None = 0.05
+    """False-negative guard: keep a candidate only if it scores below positive x (1 - relative_margin)."""
+    sampling: Literal["top", "random"] = "top"
+    """`top`: the best-ranked allowed candidates; `random`: a seeded sample of them (ANCE)."""
+    batch_size: int = 64
+    """Texts per forward pass while embedding."""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1:
+            raise FieldError("every_steps", f"must be >= 1, got {self.every_steps}")
+        if len(self.ranks) != 2 or not 1 <= self.ranks[0] <= self.ranks[1]:
+            raise FieldError("ranks", f"must be [first, last] with 1 <= first <= last, got {self.ranks}")
+        if self.relative_margin is not None and not 0 <= self.relative_margin < 1:
+            raise FieldError("relative_margin", f"must be in [0, 1), got {self.relative_margin}")
+        if self.batch_size < 1:
+            raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class ClusteredBatchesConfig:
+    """Batches drawn from clusters of similar queries (TAS-B, Contextual Document Embeddings), so
+    that the in-batch negatives are hard: the queries of each source are embedded at the start
+    (by `model`, or the model being trained as it starts) and grouped by k-means; every batch
+    then comes from one cluster, without repeated texts. The clusters are saved in the run folder
+    and read back on resume."""
+
+    cluster_size: int
+    """Queries per cluster on average (clusters = pairs / cluster_size, at least 1 per source);
+    about a batch or a few batches (CDE uses clusters of one batch)."""
+    model: str | None = None
+    """The embedding model that clusters (a folder, checkpoint or package:NAME); null: the model
+    being trained, before its first step."""
+    iterations: int = 20
+    """k-means iterations (Lloyd's), from a seeded k-means++ start."""
+    batch_size: int = 64
+    """Queries per forward pass while embedding."""
+
+    def __post_init__(self) -> None:
+        if self.cluster_size < 2:
+            raise FieldError("cluster_size", f"must be >= 2, got {self.cluster_size}")
+        if self.iterations < 1:
+            raise FieldError("iterations", f"must be >= 1, got {self.iterations}")
+
+
+@dataclass
 class DataConfig:
     train: list[TrainSource]
     """Training sources, each with its own weight and prompts (see SourceOptions)."""
@@ -282,6 +345,11 @@ class DataConfig:
     batching: Literal["homogeneous", "mixed"] = "homogeneous"
     """With several sources: every batch from one source (in-batch negatives of the same task),
     or batches that mix all sources."""
+    refresh_negatives: RefreshNegativesConfig | None = None
+    """Mine the hard negatives again with the model being trained every few steps (null: the
+    negatives of the data throughout)."""
+    clustered_batches: ClusteredBatchesConfig | None = None
+    """Draw every batch from one cluster of similar queries (null: batches at random)."""
 
     def __post_init__(self) -> None:
         if not self.train:
@@ -296,6 +364,16 @@ class DataConfig:
         if self.num_workers is not None and self.num_workers < 0:
             raise FieldError("num_workers", f"must be >= 0, got {self.num_workers}")
         kinds = {s.kind for s in self.train}
+        if self.refresh_negatives is not None and (
+            self.num_negatives == 0 or any(s.kind != "pairs" or s.negatives_column is None for s in self.train)
+        ):
+            raise FieldError(
+                "refresh_negatives",
+                "replaces the hard negatives of pairs sources: every source must be kind pairs with a negatives_column, "
+                "and num_negatives not 0 (mine the first ones with embtrain prep mine)",
+            )
+        if self.clustered_batches is not None and self.batching == "mixed" and len(self.train) > 1:
+            raise FieldError("clustered_batches", "draws each batch from one cluster of one source; use batching: homogeneous")
         if "texts" in kinds and len(kinds) > 1 and self.batching == "mixed":
             raise FieldError("batching", "a batch cannot mix single texts (a texts source) with pairs; use homogeneous")
 

@@ -33,10 +33,12 @@ from trainer.checkpoint import (
 from trainer.config import OptimizerConfig, Recipe, ScheduleConfig
 from trainer.data.collate import Collator, ContrastiveBatch, PairTexts, TextTokenizer
 from trainer.data.readers import read_training_data
+from trainer.data.refresh import NegativeRefresher
 from trainer.data.sampler import NoDuplicatesBatchSampler
 from trainer.data.training_set import TrainingSet
 from trainer.errors import Preempted, RunError
 from trainer.evaluation.runner import EvalRunner
+from trainer.evaluation.sharded import forward_module
 from trainer.losses import LossContext, WeightedLoss, build_loss
 from trainer.model.encoder import Encoder
 from trainer.model.cross_encoder import CrossEncoderScorer
@@ -319,6 +321,9 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
     frozen = {key: frozen_model(config) for key, config in loss_fn.frozen_encoders().items()}
     set_score_candidates(recipe, loss_fn, frozen, accelerator.num_processes)
     data = build_data(recipe, accelerator, examples, build_collator(recipe, encoder, frozen))
+    refresher = None
+    if recipe.data.refresh_negatives is not None:
+        refresher = NegativeRefresher(recipe.data.refresh_negatives, examples, run_dir, recipe.seed)
     evals = EvalRunner(recipe.evaluation, recipe, run_dir, recipe.checkpointing.save_best)  # reads the sets
     if preemption.should_stop(accelerator):
         raise Preempted(preemption.name, 0, None)
@@ -338,6 +343,23 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
         config = {**flat_config(asdict(recipe)), **trackers.environment(accelerator)}
         accelerator.init_trackers(recipe.logging.project, config=config, init_kwargs=options)
     meter = LossMeter(accelerator.device, model.split)
+
+    def refresh_negatives() -> None:
+        with clock.timing("mining"):
+            line = refresher.refresh(accelerator, accelerator.unwrap_model(model.encoder), forward_module(model.encoder), state.step)
+        if progress is None or progress.disable:
+            accelerator.print(line)
+        else:
+            progress.write(line)
+
+    progress = None
+    if refresher is not None:
+        accelerator.print(refresher.describe())
+        restored = refresher.restore(state.step) if folder.resume else None
+        if restored is not None:
+            accelerator.print(f"hard negatives: those mined at step {restored}")
+        if restored != state.step and (refresher.due(state.step) or (state.step == 0 and refresher.config.at_start)):
+            refresh_negatives()
     record.run_dir, record.main_process = run_dir, accelerator.is_main_process
     record.summary = lambda status, **details: end_summary(
         run_dir, status, state=state, total_steps=data.total_steps, metric_for_best=recipe.evaluation.metric_for_best,
@@ -441,6 +463,11 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
                 save()
                 saved_at = state.step
                 meter.restart_clock()
+            if refresher is not None and refresher.due(state.step) and not done:
+                refresh_negatives()  # after a checkpoint of this step: a run resumed from it mines again
+                meter.restart_clock()
+                if data.loader.num_workers:
+                    break  # the workers hold the old negatives: this epoch goes on from the next batch with new ones
             if done:
                 break
             if preemption.should_stop(accelerator):

@@ -35,11 +35,13 @@ class RunClock:
     setup: float | None = None
     evaluation: float = 0.0
     checkpointing: float = 0.0
+    mining: float = 0.0
+    """Hard negatives mined again during training (data.refresh_negatives)."""
 
     def setup_done(self) -> None:
         """Setup ends when the first training step starts (a start evaluation counts as evaluation)."""
         if self.setup is None:
-            self.setup = time.perf_counter() - self.started - self.evaluation
+            self.setup = time.perf_counter() - self.started - self.evaluation - self.mining
 
     @contextmanager
     def timing(self, part: str):
@@ -52,8 +54,10 @@ class RunClock:
     def split(self) -> dict[str, float]:
         total = time.perf_counter() - self.started
         setup = self.setup if self.setup is not None else total - self.evaluation - self.checkpointing
-        training = max(0.0, total - setup - self.evaluation - self.checkpointing)
+        training = max(0.0, total - setup - self.evaluation - self.checkpointing - self.mining)
         parts = {"setup": setup, "training": training, "evaluation": self.evaluation, "checkpointing": self.checkpointing}
+        if self.mining:
+            parts["mining"] = self.mining
         return {k: round(v, 3) for k, v in {**parts, "total": total}.items()}
 
 

@@ -86,6 +86,13 @@ class TrainingSet(torch.utils.data.Dataset):
         self.keys = keys
         self.num_negatives = num_negatives
         self.offsets = np.cumsum([0] + [len(t) for t in tables]).tolist()
+        self.negative_texts: list[str] | None = None
+        self.negative_rows: np.ndarray | None = None
+
+    def set_negatives(self, texts: list[str], rows: np.ndarray) -> None:
+        """Serve `texts[rows[i]]` as example i's hard negatives from now on; a row starting with
+        -1 serves the file's."""
+        self.negative_texts, self.negative_rows = texts, rows
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -98,6 +105,8 @@ class TrainingSet(torch.utils.data.Dataset):
         if "positive" not in row:  # a single text
             return Example(row["query"], None, (), source)
         negatives = tuple(row["negatives"][: self.num_negatives]) if self.num_negatives else ()
+        if self.negative_rows is not None and self.negative_rows[index, 0] >= 0:
+            negatives = tuple(self.negative_texts[j] for j in self.negative_rows[index])
         scores = row.get("teacher_scores")
         scores = tuple(float(s) for s in scores[: 1 + self.num_negatives]) if scores is not None else None
         return Example(row["query"], row["positive"], negatives, source, scores)
