@@ -32,6 +32,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import OptimizerConfig, Recipe, ScheduleConfig
 from trainer.data.collate import Collator, ContrastiveBatch, PairTexts, TextTokenizer
+from trainer.data import clusters
 from trainer.data.readers import read_training_data
 from trainer.data.refresh import NegativeRefresher
 from trainer.data.sampler import NoDuplicatesBatchSampler
@@ -320,7 +321,8 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
     check_pairs(recipe, loss_fn)
     frozen = {key: frozen_model(config) for key, config in loss_fn.frozen_encoders().items()}
     set_score_candidates(recipe, loss_fn, frozen, accelerator.num_processes)
-    data = build_data(recipe, accelerator, examples, build_collator(recipe, encoder, frozen))
+    labels, clustered_now = batch_clusters(recipe, accelerator, encoder, examples, folder)
+    data = build_data(recipe, accelerator, examples, build_collator(recipe, encoder, frozen), labels)
     refresher = None
     if recipe.data.refresh_negatives is not None:
         refresher = NegativeRefresher(recipe.data.refresh_negatives, examples, run_dir, recipe.seed)
@@ -328,6 +330,8 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
     if preemption.should_stop(accelerator):
         raise Preempted(preemption.name, 0, None)
     create_run_dir(recipe, folder, accelerator)
+    if clustered_now and accelerator.is_main_process:
+        clusters.save(run_dir, labels)
     frozen = with_caches(frozen, loss_fn.frozen_encoders(), run_dir, accelerator.process_index)
     model, optimizer, scheduler = prepare_model(accelerator, recipe, encoder, loss_fn, frozen, data.total_steps)
     metrics_log = MetricsLog(accelerator, run_dir / METRICS_FILE)
@@ -595,7 +599,41 @@ def build_collator(recipe: Recipe, encoder: Encoder, frozen: dict[str, Encoder])
     )
 
 
-def build_data(recipe: Recipe, accelerator: Accelerator, examples: TrainingSet, collator: Collator) -> TrainingData:
+def batch_clusters(recipe: Recipe, accelerator: Accelerator, encoder: Encoder, examples: TrainingSet, folder) -> tuple:
+    """(cluster label per example or None, whether they were computed now): read back from the run
+    folder on resume, else k-means over the queries' embeddings (data.clustered_batches) on the
+    main process, sent to the others."""
+    from accelerate.utils import broadcast_object_list
+
+    from trainer.model.embedding_cache import cached_text_encoder
+    from trainer.model.encoder import embedding_config
+
+    config = recipe.data.clustered_batches
+    if config is None:
+        return None, False
+    if folder.resume:
+        labels = clusters.load(folder.path)
+        if labels is not None:
+            return labels, False
+    found = [None]
+    if accelerator.is_main_process:
+        model_config = recipe.model if config.model is None else embedding_config(config.model, recipe.model.trust_remote_code)
+        model = encoder if config.model is None else Encoder.from_config(model_config)
+        model.to(accelerator.device)
+        text_encoder = model
+        if accelerator.num_processes == 1:  # the model as it starts: its embeddings may be known
+            text_encoder = cached_text_encoder(model, model_config, accelerator.device.type, str(accelerator.mixed_precision))
+        with accelerator.autocast():
+            found[0], line = clusters.query_clusters(config, examples, text_encoder, recipe.seed)
+        accelerator.print(line)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(found)
+    return found[0], True
+
+
+def build_data(
+    recipe: Recipe, accelerator: Accelerator, examples: TrainingSet, collator: Collator, labels=None
+) -> TrainingData:
     training, sources = recipe.training, recipe.data.train
     sampler = NoDuplicatesBatchSampler(
         examples.keys,
@@ -607,6 +645,7 @@ def build_data(recipe: Recipe, accelerator: Accelerator, examples: TrainingSet, 
         weights=[s.weight for s in sources] if sources[0].weight is not None else None,
         homogeneous=recipe.data.batching == "homogeneous",
         accumulation_steps=training.gradient_accumulation_steps,
+        clusters=labels,
     )
     if len(sampler) == 0:
         raise RunError(

@@ -10,7 +10,6 @@ serves the file's negatives) in the run folder; a resumed run applies the newest
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -144,11 +143,11 @@ class NegativeRefresher:
         keys[rows, self.width :] = PAD
 
     def _save(self, chosen: np.ndarray, step: int) -> None:
+        from trainer.data.clusters import npy_bytes
+        from trainer.run_dir import write_atomic
+
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step_{step}.npy"
-        temporary = path.with_suffix(".tmp.npy")
-        np.save(temporary, chosen)
-        os.replace(temporary, path)
+        write_atomic(self.folder / f"step_{step}.npy", npy_bytes(chosen))
 
     def saved_steps(self) -> list[int]:
         if not self.folder.is_dir():

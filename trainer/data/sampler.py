@@ -47,6 +47,7 @@ class NoDuplicatesBatchSampler:
         weights: list[float] | None = None,
         homogeneous: bool = True,
         accumulation_steps: int = 1,
+        clusters: np.ndarray | None = None,
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
@@ -69,6 +70,12 @@ class NoDuplicatesBatchSampler:
             raise ValueError(f"{len(weights)} weights for {num_sources} sources")
         self.counts = self._counts(weights)
         """Pairs drawn from each source per epoch."""
+        self.clusters: list[list[np.ndarray]] | None = None
+        """With clustered batches: each source's clusters (example indices), every batch from one of them."""
+        if clusters is not None:
+            if len(clusters) != len(keys):
+                raise ValueError(f"{len(clusters)} cluster labels for {len(keys)} examples")
+            self.clusters = [[group[clusters[group] == c] for c in np.unique(clusters[group])] for group in self.groups]
 
     def _counts(self, weights: list[float] | None) -> list[int]:
         sizes = [len(g) for g in self.groups]
@@ -87,9 +94,13 @@ class NoDuplicatesBatchSampler:
         if self._cache is not None and self._cache[0] == self.epoch:
             return self._cache[1], self._cache[2]
         rng = np.random.default_rng([self.seed, self.epoch])
-        orders = [self._draw(group, count, rng) for group, count in zip(self.groups, self.counts)]
-        if self.homogeneous and len(self.groups) > 1:
-            packed = [self._pack(order) for order in orders]
+        if self.clusters is not None:
+            packed = self._pack_clusters(rng)
+        elif self.homogeneous and len(self.groups) > 1:
+            packed = [self._pack(self._draw(group, count, rng))[:2] for group, count in zip(self.groups, self.counts)]
+        else:
+            packed = None
+        if packed is not None:
             flat = np.concatenate([p[0] for p in packed])
             lengths = np.concatenate([np.diff(p[1]) for p in packed])
             starts = np.cumsum(lengths) - lengths
@@ -97,10 +108,10 @@ class NoDuplicatesBatchSampler:
                 permutation = rng.permutation(len(lengths))
                 starts, lengths = starts[permutation], lengths[permutation]
         else:
-            order = np.concatenate(orders)
+            order = np.concatenate([self._draw(group, count, rng) for group, count in zip(self.groups, self.counts)])
             if self.shuffle and len(self.groups) > 1:
                 order = rng.permutation(order)
-            flat, bounds = self._pack(order)
+            flat, bounds, _ = self._pack(order)
             starts, lengths = bounds[:-1], np.diff(bounds)
         # whole accumulation windows only
         usable = len(starts) - len(starts) % self.accumulation_steps
@@ -125,9 +136,26 @@ class NoDuplicatesBatchSampler:
             cycles.append(rng.permutation(group) if self.shuffle else group)
         return np.concatenate(cycles)[:count]
 
-    def _pack(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _pack_clusters(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each cluster packed on its own (so its batches hold only its pairs); what is left of the
+        clusters of a source (fewer pairs than a batch takes) is packed together afterwards, so
+        that no pair is left out for good. A source's weight scales every one of its clusters."""
+        packed = []
+        for clusters, group, count in zip(self.clusters, self.groups, self.counts):
+            rest = []
+            for cluster in clusters:
+                share = len(cluster) if count == len(group) else max(1, round(count * len(cluster) / len(group)))
+                flat, bounds, left = self._pack(self._draw(cluster, share, rng))
+                packed.append((flat, bounds))
+                rest.append(left)
+            rest = np.concatenate(rest) if rest else np.zeros(0, dtype=np.int64)
+            if len(rest):
+                packed.append(self._pack(rng.permutation(rest) if self.shuffle else rest)[:2])
+        return packed
+
+    def _pack(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Greedy global batches in `order`; a pair that would repeat a text waits for the next batch.
-        Returns the flat indices and the batch boundaries (len(batches) + 1).
+        Returns the flat indices, the batch boundaries (len(batches) + 1) and the pairs left over.
 
         With one process a batch needs at least 2 pairs (in-batch negatives); with several, exactly
         `num_replicas x batch_size`, since processes gather each other's equal-sized batches. Pairs
@@ -138,6 +166,7 @@ class NoDuplicatesBatchSampler:
         flat = array("q")  # 8 bytes per index, not a Python int object each
         bounds = array("q", [0])
         waiting: deque[int] = deque()
+        dropped: list[int] = []
         position = 0
         while len(waiting) + len(order) - position >= smallest:
             batch: list[int] = []
@@ -164,7 +193,10 @@ class NoDuplicatesBatchSampler:
             if len(batch) >= smallest:
                 flat.extend(batch)
                 bounds.append(len(flat))
-        return np.frombuffer(flat, dtype=np.int64), np.frombuffer(bounds, dtype=np.int64)
+            else:
+                dropped.extend(batch)
+        left = np.array(dropped + list(waiting) + [int(i) for i in order[position:]], dtype=np.int64)
+        return np.frombuffer(flat, dtype=np.int64), np.frombuffer(bounds, dtype=np.int64), left
 
     def __iter__(self) -> Iterator[list[int]]:
         flat, spans = self._epoch()
