@@ -476,13 +476,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = commands.add_parser("prep", help="data preparation tools (data_prep/)")
     tools = prep.add_subparsers(dest="tool", required=True)
-    from data_prep import decoder, embed, ingest, leakage, mine, score, student
+    from data_prep import decoder, embed, ingest, leakage, mine, relabel, score, student
     from data_prep import filter as filter_pairs
 
     for name, module, help_text in (
         ("ingest", ingest, "check and normalise a training set (any format), remove duplicates and leaks"),
         ("mine", mine, "mine hard negatives with an embedding model"),
         ("filter", filter_pairs, "keep pairs whose positive a model ranks in its top k (consistency filtering)"),
+        ("relabel", relabel, "let a teacher pick each query's positive and hard negatives among retrieved candidates (Gecko)"),
         ("leakage", leakage, "drop training rows whose query occurs in evaluation data"),
         ("score", score, "add a teacher's scores (embedding model or cross-encoder)"),
         ("student", student, "build a distillation student from chosen layers of a model"),
