@@ -424,6 +424,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
         data.sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
         for batch in data.loader:
             batch = batch.to(accelerator.device, non_blocking=True)
+            batch.progress = state.step / data.total_steps
             with accelerator.accumulate(*model.modules()):
                 loss, parts = train_step(accelerator, recipe, model, batch)
                 if accelerator.sync_gradients:

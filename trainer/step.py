@@ -87,6 +87,7 @@ def loss_input(
         frozen_scores=frozen_scores,
         layers=layer_embeddings,
         normalized=normalized,
+        progress=batch.progress,
     )
 
 

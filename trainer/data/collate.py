@@ -133,6 +133,9 @@ class ContrastiveBatch:
     """(B, 1+N) float32 teacher scores, when every row has them."""
     frozen: dict[str, "FrozenBatch"] = field(default_factory=dict)
     """The texts tokenised for each frozen encoder, by its key."""
+    progress: float = 0.0
+    """Fraction of the run's optimiser steps done before this batch's step (0 at the first), set
+    by the training loop; losses whose weighting follows the training schedule read it."""
 
     @property
     def size(self) -> int:

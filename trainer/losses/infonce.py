@@ -21,11 +21,21 @@ Masked candidates (left out of every softmax, the positive never):
 Weighting: `hardness_mode`/`hardness_strength` add strength x the detached score to negative
 logits (Lan et al. 2025; EmbeddingGemma applies it to hard negatives only); `focal_gamma`
 weighs each query's loss by (1 - p)^gamma with p its detached positive probability
-(focal weighting of hard samples, as in KaLM-Embedding). `learn_temperature` trains the
+(focal weighting of hard samples, as in KaLM-Embedding); with `focal_gamma_end` the exponent
+moves from `focal_gamma` to it over training (progressive sample weighting: every query counts
+alike at first, the hard ones more and more, in the spirit of PEG), and `focal_normalize` keeps
+the mean weight of a batch at 1 so the loss keeps its scale. `learn_temperature` trains the
 temperature within [min_temperature, max_temperature].
 
+Mixed negatives (`mixed_negatives`: M): each query also meets M synthetic negatives, each a random
+convex mix of two of its `mix_pool` highest-scored documents other than its positive (masked ones
+left out), re-normalised when the model normalises, scored against the query and added to the
+query_to_doc softmax. The mixes carry no gradient (only the query moves away from them), as in
+MoCHi (Kalantidis et al. 2020) and KaLM-Embedding's online hard-negative mixing; the mixing draws
+come from torch's seeded random generator.
+
 References: van den Oord et al. 2018 (CPC); Henderson et al. 2017; Karpukhin et al. 2020 (DPR);
-Li et al. 2023 (GTE); Günther et al. 2024 (symmetric); Solatorio 2024 (GISTEmbed); Lan et al.
+Kalantidis et al. 2020 (MoCHi); Li et al. 2023 (GTE); Günther et al. 2024 (symmetric); Solatorio 2024 (GISTEmbed); Lan et al.
 2025; Schechter Vera et al. 2025 (EmbeddingGemma); Hu et al. 2025 (KaLM-Embedding).
 Sentence-transformers' MultipleNegativesRankingLoss (directions, partition_mode, hardness_mode)
 and GISTEmbedLoss compute the same values (tests/losses/test_infonce.py).
@@ -83,7 +93,22 @@ class InfoNCEConfig(LossConfig):
     """alpha: alpha x the detached score is added to those negatives' logits (Lan et al. use 9,
     EmbeddingGemma 5)."""
     focal_gamma: float = 0.0
-    """Weigh each query's loss by (1 - p)^gamma, p its detached positive probability; 0: off."""
+    """Weigh each query's loss by (1 - p)^gamma, p its detached positive probability; 0: off.
+    With focal_gamma_end: gamma at the start of training."""
+    focal_gamma_end: float | None = None
+    """Progressive weighting: gamma at the end of training, reached from focal_gamma along
+    focal_schedule (null: focal_gamma throughout)."""
+    focal_schedule: Literal["linear", "cosine"] = "linear"
+    """How gamma moves from focal_gamma to focal_gamma_end with the fraction of steps done:
+    linearly, or along a half cosine (slow at both ends)."""
+    focal_normalize: bool = False
+    """Divide the focal weights by their mean over the batch, so that the loss keeps its scale
+    while the weighting sharpens."""
+    mixed_negatives: int = 0
+    """Synthetic hard negatives per query, each a mix of two of its hardest documents
+    (KaLM-Embedding, MoCHi); 0: off."""
+    mix_pool: int = 8
+    """With mixed_negatives: how many of the query's highest-scored negatives the mixes draw from."""
     mask_duplicates: bool = True
     """Leave out candidates whose text equals the positive's (or, among queries, the query's)."""
     false_negative_margin: float | None = None
@@ -120,6 +145,12 @@ class InfoNCEConfig(LossConfig):
             raise FieldError("hardness_strength", f"is 0, so hardness_mode {self.hardness_mode} does nothing; set it > 0")
         if self.focal_gamma < 0:
             raise FieldError("focal_gamma", f"must be >= 0, got {self.focal_gamma}")
+        if self.focal_gamma_end is not None and self.focal_gamma_end < 0:
+            raise FieldError("focal_gamma_end", f"must be >= 0, got {self.focal_gamma_end}")
+        if self.mixed_negatives < 0:
+            raise FieldError("mixed_negatives", f"must be >= 0, got {self.mixed_negatives}")
+        if self.mix_pool < 2:
+            raise FieldError("mix_pool", f"must be >= 2 (a mix needs two negatives), got {self.mix_pool}")
         embedding_teacher("guide", self.guide)
         if self.false_negative_margin is None and self.guide is not None:
             self.false_negative_margin = 0.0
@@ -163,6 +194,9 @@ class InfoNCE(LossTerm):
                 penalty = config.hardness_strength * at_least_float32(scores[direction].detach())
                 block = block + penalty * hardness_columns(config.hardness_mode, block.shape[0], inputs.num_negatives, block.device)
             logits[direction] = block.masked_fill(masks[direction], -math.inf)
+        if config.mixed_negatives:
+            mixed = mixed_negative_scores(inputs, logits["query_to_doc"].detach(), config.mixed_negatives, config.mix_pool)
+            logits["query_to_doc"] = torch.cat([logits["query_to_doc"], at_least_float32(mixed) / self.temperature], dim=1)
         rows = torch.arange(inputs.query.shape[0], device=inputs.query.device)
         positive = logits["query_to_doc"][rows, rows]  # (B,)
         if config.partition == "joint":
@@ -170,10 +204,47 @@ class InfoNCE(LossTerm):
         else:
             log_normaliser = torch.stack([torch.logsumexp(b, dim=1) for b in logits.values()]).mean(0)
         losses = log_normaliser - positive  # (B,)
-        if config.focal_gamma > 0:
+        gamma = focal_gamma(config, inputs.progress)
+        if gamma > 0:
             probability = torch.exp(-losses.detach())
-            losses = losses * (1 - probability).clamp(min=0) ** config.focal_gamma
+            weights = (1 - probability).clamp(min=0) ** gamma
+            if config.focal_normalize:
+                weights = weights / weights.mean().clamp(min=torch.finfo(weights.dtype).tiny)
+            losses = losses * weights
         return losses.mean()
+
+
+def focal_gamma(config: InfoNCEConfig, progress: float) -> float:
+    """The focal exponent at this fraction of training: focal_gamma, or on its way to focal_gamma_end."""
+    if config.focal_gamma_end is None:
+        return config.focal_gamma
+    ramp = progress if config.focal_schedule == "linear" else (1 - math.cos(math.pi * progress)) / 2
+    return config.focal_gamma + (config.focal_gamma_end - config.focal_gamma) * ramp
+
+
+def mixed_negative_scores(inputs: LossInput, logits: torch.Tensor, count: int, pool: int) -> torch.Tensor:
+    """(B, count) scores of synthetic negatives: for each query, random convex mixes of two of its
+    `pool` highest-scored documents in `logits` (B, B*(1+N)), its positive and masked ones left
+    out; the mixes are detached, so only the query gets a gradient. A mix drawn from a masked slot
+    (a query with fewer candidates than the pool) scores -inf."""
+    size, device = logits.shape[0], logits.device
+    rows = torch.arange(size, device=device)
+    candidates = logits.clone()
+    candidates[rows, rows] = -math.inf
+    pool = min(pool, candidates.shape[1] - 1)
+    if pool < 2:
+        return logits.new_full((size, count), -math.inf)
+    best, columns = candidates.topk(pool, dim=1)  # (B, pool)
+    first = torch.randint(pool, (size, count), device=device)
+    second = (first + 1 + torch.randint(pool - 1, (size, count), device=device)) % pool  # another slot
+    alpha = torch.rand(size, count, 1, device=device)
+    documents = inputs.embeddings.documents.detach()
+    mixed = alpha * documents[columns.gather(1, first)] + (1 - alpha) * documents[columns.gather(1, second)]  # (B, M, D)
+    if inputs.normalized:
+        mixed = F.normalize(mixed, dim=-1)
+    scores = torch.einsum("bd,bmd->bm", inputs.query, mixed.to(inputs.query.dtype))
+    usable = torch.isfinite(best.gather(1, first)) & torch.isfinite(best.gather(1, second))
+    return scores.masked_fill(~usable, -math.inf)
 
 
 def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:

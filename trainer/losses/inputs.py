@@ -2,7 +2,7 @@
 
     query      (B, D)     positive (B, D)     negatives (B, N, D) or None
     query_ids  (B,)       positive_ids (B,)   negative_ids (B, N) or None   stable text ids
-    source     (B,)       in_batch (B,)       teacher_scores (B, 1+N) or None
+    source     (B,)       in_batch (B,)       teacher_scores (B, 1+N) or None     progress   fraction of training done
     frozen     {name: Embeddings}   the same texts embedded by frozen encoders (a guide model)
     frozen_scores {name|candidates: (B, C)}  a frozen cross-encoder's scores of the candidates
     layers     {layer: Embeddings}  the model's embeddings pooled from earlier layers (2D Matryoshka)
@@ -92,6 +92,9 @@ class LossInput:
     gradient like the final ones."""
     normalized: bool = True
     """Whether the embeddings are unit vectors (model.normalize): truncation re-normalises them."""
+    progress: float = 0.0
+    """Fraction of the run's optimiser steps done before this step, in [0, 1): what a weighting that
+    changes over training (InfoNCE's `focal_gamma_end`) follows."""
 
     @classmethod
     def of(cls, query: Tensor, positive: Tensor | None, negatives: Tensor | None = None, **extras) -> "LossInput":

@@ -168,6 +168,93 @@ def test_focal_weighting_matches_hand_computation():
     assert infonce(focal_gamma=2.0)(LossInput.of(q, p)).item() == pytest.approx(expected.item(), abs=1e-10)
 
 
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_progressive_focal_weighting_follows_its_schedule_over_training(schedule):
+    q, p = unit(5, 8, seed=1), unit(5, 8, seed=2)
+    log_p = torch.log_softmax(q @ p.T / 0.05, dim=1).diagonal()
+    loss = infonce(focal_gamma=0.0, focal_gamma_end=3.0, focal_schedule=schedule, focal_normalize=True)
+    for progress in (0.0, 0.25, 0.5, 0.9):
+        ramp = progress if schedule == "linear" else (1 - math.cos(math.pi * progress)) / 2
+        weights = (1 - log_p.exp()) ** (3.0 * ramp)
+        expected = (-log_p * weights / weights.mean()).mean()
+        got = loss(LossInput.of(q, p, progress=progress)).item()
+        assert got == pytest.approx(expected.item(), abs=1e-10)
+    # at the start every query counts alike: plain InfoNCE
+    assert loss(LossInput.of(q, p, progress=0.0)).item() == pytest.approx(infonce()(LossInput.of(q, p)).item(), abs=1e-12)
+
+
+def test_a_training_step_tells_the_loss_how_far_training_is(tmp_path, tiny_model, pairs_file, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    from conftest import write_recipe
+    from trainer import step
+    from trainer.config import load_recipe
+    from trainer.loop import train
+
+    seen = []
+    build = step.loss_input
+    monkeypatch.setattr(step, "loss_input", lambda *a, **k: seen.append(build(*a, **k).progress) or build(*a, **k))
+    try:
+        train(load_recipe(write_recipe(tmp_path, tiny_model, pairs_file)))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_mixed_negatives_match_a_hand_computation():
+    q, p, n = unit(4, 8, seed=1), unit(4, 8, seed=2), unit(4, 2, 8, seed=3)
+    t, count, pool = 0.05, 3, 4
+    torch.manual_seed(7)
+    got = infonce(temperature=t, mixed_negatives=count, mix_pool=pool)(LossInput.of(q, p, n))
+    torch.manual_seed(7)
+    first = torch.randint(pool, (4, count))
+    second = (first + 1 + torch.randint(pool - 1, (4, count))) % pool
+    alpha = torch.rand(4, count, 1)
+    documents = torch.cat([p, n.reshape(-1, 8)])  # (12, D)
+    scores = q @ documents.T
+    expected = []
+    for i in range(4):
+        others = [c for c in scores[i].argsort(descending=True).tolist() if c != i][:pool]
+        mixes = [F.normalize(alpha[i, m] * documents[others[first[i, m]]] + (1 - alpha[i, m]) * documents[others[second[i, m]]], dim=0)
+                 for m in range(count)]
+        row = torch.cat([scores[i], torch.stack(mixes) @ q[i]]) / t
+        expected.append(torch.logsumexp(row, 0) - row[i])
+    assert got.item() == pytest.approx(torch.stack(expected).mean().item(), abs=1e-10)
+    assert (first != second).all()
+
+
+def test_mixed_negatives_raise_the_loss_and_push_only_the_query():
+    q, p, n = unit(6, 8, seed=4), unit(6, 8, seed=5), unit(6, 1, 8, seed=6)
+    q.requires_grad_(True)
+    p.requires_grad_(True)
+    plain = infonce()(LossInput.of(q, p, n))
+    mixed = infonce(mixed_negatives=4)(LossInput.of(q, p, n))
+    assert mixed.item() > plain.item()  # more negatives in the softmax, never fewer
+    (grad_plain_p,) = torch.autograd.grad(plain, p)
+    (grad_q, grad_p) = torch.autograd.grad(infonce(mixed_negatives=4)(LossInput.of(q, p, n)), (q, p))
+    assert grad_q.abs().sum() > 0
+    # the mixes are detached: the documents' gradient only changes through the softmax's new mass
+    assert not torch.allclose(grad_p, grad_plain_p)
+
+
+def test_mixed_negatives_leave_out_masked_documents():
+    # two rows with one document each and a pool larger than what is left: the only other
+    # candidate is masked (same text as the positive), so no mix can be made and the loss is plain
+    q, p = unit(2, 8, seed=8), unit(2, 8, seed=9)
+    ids = {"positive_ids": torch.tensor([10, 10])}
+    plain = infonce()(LossInput.of(q, p, **ids))
+    mixed = infonce(mixed_negatives=2, mix_pool=4)(LossInput.of(q, p, **ids))
+    assert mixed.item() == pytest.approx(plain.item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("options,message", [({"mixed_negatives": -1}, "mixed_negatives"), ({"mix_pool": 1}, "mix_pool")])
+def test_mixed_negative_options_are_checked(options, message):
+    from trainer.schema import FieldError
+
+    with pytest.raises(FieldError, match=message):
+        InfoNCEConfig(kind="infonce", **options)
+
+
 def test_learned_temperature_is_bounded_and_learns():
     loss = infonce(temperature=0.05, learn_temperature=True, min_temperature=0.01, max_temperature=0.2)
     assert float(loss.temperature.detach()) == pytest.approx(0.05)
