@@ -6,7 +6,7 @@ after the other, so that the recipes share the machine's state and nothing else 
 The first `--warmup` steps are left out; the step time is read from the run's `metrics.jsonl`
 (logged every step). Runs go to a temporary folder that is removed afterwards.
 
-    python bench/recipe_step_time.py recipes/quickstart.yaml recipes/literature/gte.yaml recipes/literature/gist.yaml
+    python bench/recipe_step_time.py recipes/quickstart.yaml recipes/literature/gte/stage2.yaml recipes/literature/gist.yaml
     python bench/recipe_step_time.py recipes/quickstart.yaml --steps 12 --warmup 2 --json
 
 Compare recipes in one call: the same recipe measured on another day, or next to other work,

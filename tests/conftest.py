@@ -121,7 +121,7 @@ checkpointing: {{output_dir: {tmp_path / 'runs'}, every_steps: 2, keep_last: nul
     return path
 
 
-def tiny_decoder(folder: Path, family: str = "qwen2", seed: int = 0) -> Path:
+def tiny_decoder(folder: Path, family: str = "qwen2", seed: int = 0, max_position_embeddings: int = 64) -> Path:
     """A 2-layer random decoder (qwen2 or llama, hidden 16) with the family's own tokenizer class
     over a one-character vocabulary; like the real ones, neither tokenizer adds an end-of-sequence
     token (Llama's adds its begin-of-sequence token)."""
@@ -140,7 +140,7 @@ def tiny_decoder(folder: Path, family: str = "qwen2", seed: int = 0) -> Path:
     tokenizer.save_pretrained(folder)
     config = AutoConfig.for_model(
         family, vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=max_position_embeddings,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
