@@ -47,6 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--relative-margin", type=float, help="keep negatives the teacher scores below positive x (1 - R)")
 
 
+def check_teacher(args: argparse.Namespace) -> None:
+    """The teacher's folder and config are readable (the errors name it), before any embedding."""
+    from trainer.config import ModelConfig
+    from trainer.model.encoder import embedding_config, read_backbone_config
+
+    if args.teacher:
+        embedding_config(args.teacher, args.trust_remote_code)
+    else:
+        read_backbone_config(ModelConfig(name_or_path=args.cross_encoder, trust_remote_code=args.trust_remote_code))
+
+
 def retrieve(task, encoder, top_k: int, batch_size: int) -> list[list[int]]:
     """The retriever's top_k corpus rows for every query, best first."""
     from trainer.evaluation.retrieval import exact_search
@@ -123,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"--relative-margin must be in [0, 1), got {args.relative_margin}")
     out = check_output(args.out, args.overwrite)
     task, source = task_from_args(args)
+    check_teacher(args)  # before the retriever embeds anything
     started = time.time()
     retriever, config, mixed_precision = load_encoder(args)
     with precision.autocast(mixed_precision, encoder_device(retriever)):

@@ -262,6 +262,7 @@ BEIR_VARIANTS = [
 
 EVAL = ["eval", "{a}/tiny", "--beir", "{a}/beir"]
 MINE = ["prep", "mine", "--beir", "{a}/beir", "--model", "{a}/tiny", "--out", "{t}/mined.jsonl"]
+RELABEL = ["prep", "relabel", "--beir", "{a}/beir", "--model", "{a}/tiny", "--out", "{t}/relabeled.jsonl"]
 SCORE = ["prep", "score", "--train", "{a}/scored.jsonl", "--teacher", "{a}/tiny", "--out", "{t}/s.jsonl"]
 INGEST = ["prep", "ingest", "--input", "{a}/pairs.jsonl", "--out", "{t}/i.jsonl"]
 TRAIN = ["train", "{a}/recipe.yaml"]
@@ -424,6 +425,15 @@ COMMAND_CASES = [
     Case("mine-corpus-bad-json", ["prep", "mine", "--pairs", "{a}/pairs.jsonl", "--corpus", "{t}/c.jsonl", "--model", "{a}/tiny",
                                   "--out", "{t}/m.jsonl"], ["c.jsonl, line 2", "invalid JSON"],
          write("c.jsonl", '{"text": "a"}\n{"text": \n')),
+    # prep relabel
+    Case("relabel-teacher-missing", [*RELABEL, "--teacher", "{t}/nope"], ["{t}/nope", "not found"]),
+    Case("relabel-cross-encoder-missing", [*RELABEL, "--cross-encoder", "{t}/nope"], ["{t}/nope", "not found"]),
+    Case("relabel-no-teacher", RELABEL, ["--teacher", "--cross-encoder", "required"]),
+    Case("relabel-negative-ranks-reversed", [*RELABEL, "--teacher", "{a}/tiny", "--negative-ranks", "9", "2"],
+         ["--negative-ranks", "9, 2"]),
+    Case("relabel-candidates-0", [*RELABEL, "--teacher", "{a}/tiny", "--candidates", "0"], ["--candidates", ">= 1"]),
+    Case("relabel-relative-margin-2", [*RELABEL, "--teacher", "{a}/tiny", "--relative-margin", "2"], ["--relative-margin", "2"]),
+    Case("relabel-out-exists", [*RELABEL[:-1], "{a}/pairs.jsonl", "--teacher", "{a}/tiny"], ["pairs.jsonl exists; pass --overwrite"]),
     # prep ingest
     Case("ingest-near-threshold-5", [*INGEST, "--near-threshold", "5"], ["--near-threshold", "at most 1"]),
     Case("ingest-near-threshold-0", [*INGEST, "--near-threshold", "0"], ["--near-threshold", "more than 0"]),
