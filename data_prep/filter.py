@@ -63,34 +63,23 @@ def read_rows(args: argparse.Namespace):
         rows = [[{"query": q, "positive": task.corpus[p]} for p in known] for q, known in zip(task.queries, task.positives)]
         return task, rows, {"beir": args.beir, "split": args.split}
     from data_prep.mine import MiningTask
-    from trainer.data.beir import jsonl_rows
+    from trainer.data.beir import DistinctTexts, document_texts
 
     source = PairsSource(kind="pairs", path=args.pairs, query_column=args.query_column,
                          positive_column=args.positive_column, negatives_column=args.negatives_column)
-    corpus: list[str] = []
-    row_of: dict[str, int] = {}
-
-    def add(text: str) -> int:
-        if text not in row_of:
-            row_of[text] = len(corpus)
-            corpus.append(text)
-        return row_of[text]
-
+    corpus = DistinctTexts()
     by_query: dict[str, list[tuple[int, dict]]] = {}
     for example in read_examples(source):
         row = {"query": example.query, "positive": example.positive}
         if args.negatives_column:
             row["negatives"] = list(example.negatives)
-        by_query.setdefault(example.query, []).append((add(example.positive), row))
+        by_query.setdefault(example.query, []).append((corpus.add(example.positive), row))
     if args.corpus:
         from pathlib import Path
 
-        for line_no, extra in jsonl_rows(Path(args.corpus)):
-            text = f"{extra.get('title') or ''} {extra.get('text') or ''}".strip()
-            if not text:
-                raise DataError(f"{args.corpus}, line {line_no}: no 'text'")
-            add(text)
-    task = MiningTask(queries=list(by_query), corpus=corpus, positives=[[p for p, _ in rows] for rows in by_query.values()])
+        for text in document_texts(Path(args.corpus)):
+            corpus.add(text)
+    task = MiningTask(queries=list(by_query), corpus=corpus.texts, positives=[[p for p, _ in rows] for rows in by_query.values()])
     return task, [[r for _, r in rows] for rows in by_query.values()], {"pairs": args.pairs, "corpus": args.corpus}
 
 

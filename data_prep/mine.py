@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from data_prep.output import check_output, positive_int, tool_main, write_jsonl
 from trainer import precision
 from trainer.config import PairsSource
-from trainer.data.beir import jsonl_rows, read_beir
+from trainer.data.beir import DistinctTexts, document_texts, read_beir
 from trainer.data.errors import DataError
 from trainer.data.readers import read_examples
 
@@ -107,25 +107,14 @@ def task_from_beir(folder: str, split: str, min_score: int = 1) -> MiningTask:
 
 def task_from_pairs(source: PairsSource, corpus_file: str | None = None) -> MiningTask:
     """Queries grouped by text; the corpus is every positive plus an optional jsonl of documents."""
-    corpus: list[str] = []
-    row_of: dict[str, int] = {}
-
-    def add(text: str) -> int:
-        if text not in row_of:
-            row_of[text] = len(corpus)
-            corpus.append(text)
-        return row_of[text]
-
+    corpus = DistinctTexts()
     positives: dict[str, list[int]] = {}
     for example in read_examples(source):
-        positives.setdefault(example.query, []).append(add(example.positive))
+        positives.setdefault(example.query, []).append(corpus.add(example.positive))
     if corpus_file:
-        for line_no, row in jsonl_rows(Path(corpus_file)):
-            text = f"{row.get('title') or ''} {row.get('text') or ''}".strip()
-            if not text:
-                raise DataError(f"{corpus_file}, line {line_no}: no 'text'")
-            add(text)
-    return MiningTask(queries=list(positives), corpus=corpus, positives=list(positives.values()))
+        for text in document_texts(Path(corpus_file)):
+            corpus.add(text)
+    return MiningTask(queries=list(positives), corpus=corpus.texts, positives=list(positives.values()))
 
 
 def mine(task: MiningTask, encoder: "TextEncoder", settings: MiningSettings) -> tuple[list[dict], MiningReport]:

@@ -65,6 +65,31 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
         yield line_no, row
 
 
+def document_texts(path: Path) -> Iterator[str]:
+    """The texts of a jsonl of documents: `title` (if any) and `text`, joined with a space; a
+    `DataError` names the line of one without text."""
+    for line_no, row in jsonl_rows(path):
+        text = f"{row.get('title') or ''} {row.get('text') or ''}".strip()
+        if not text:
+            raise DataError(f"{path}, line {line_no}: no 'text'")
+        yield text
+
+
+class DistinctTexts:
+    """Texts in first-seen order, each once, with its row: a corpus built from repeated texts."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.row_of: dict[str, int] = {}
+
+    def add(self, text: str) -> int:
+        """The text's row, added at the end when it is new."""
+        if text not in self.row_of:
+            self.row_of[text] = len(self.texts)
+            self.texts.append(text)
+        return self.row_of[text]
+
+
 def _text(path: Path, line_no: int, row: dict, key: str) -> str:
     if key not in row:
         raise DataError(f"{path}, line {line_no}: missing field '{key}'")

@@ -27,20 +27,14 @@ KEEP = -1
 
 def read_extra_corpus(path: str) -> list[str]:
     """Documents of a BEIR folder (its corpus.jsonl) or of a jsonl with `text` (and `title`)."""
-    from trainer.data.beir import jsonl_rows, read_corpus
+    from trainer.data.beir import document_texts, read_corpus
 
     folder = Path(path)
     if folder.is_dir():
         return list(read_corpus(folder / "corpus.jsonl").values())
     if not folder.exists():
         raise DataError(f"data.refresh_negatives.corpus: {path} not found")
-    texts = []
-    for line_no, row in jsonl_rows(folder):
-        text = f"{row.get('title') or ''} {row.get('text') or ''}".strip()
-        if not text:
-            raise DataError(f"{path}, line {line_no}: no 'text'")
-        texts.append(text)
-    return texts
+    return list(document_texts(folder))
 
 
 class NegativeRefresher:
@@ -52,15 +46,9 @@ class NegativeRefresher:
         self.folder = run_dir / FOLDER
         self.seed = seed
         self.width = examples.num_negatives
-        corpus: list[str] = []
-        row_of: dict[str, int] = {}
+        from trainer.data.beir import DistinctTexts
 
-        def add(text: str) -> int:
-            if text not in row_of:
-                row_of[text] = len(corpus)
-                corpus.append(text)
-            return row_of[text]
-
+        corpus = DistinctTexts()
         queries: dict[str, int] = {}
         positives: list[list[int]] = []
         self.pair_examples: dict[tuple[str, str], list[int]] = {}
@@ -70,17 +58,17 @@ class NegativeRefresher:
                 if query not in queries:
                     queries[query] = len(queries)
                     positives.append([])
-                row = add(positive)
+                row = corpus.add(positive)
                 if row not in positives[queries[query]]:
                     positives[queries[query]].append(row)
                 self.pair_examples.setdefault((query, positive), []).append(index)
                 index += 1
         if config.corpus:
             for text in read_extra_corpus(config.corpus):
-                add(text)
-        self.row_of = row_of
-        self.task = MiningTask(queries=list(queries), corpus=corpus, positives=positives)
-        self.corpus_keys = np.array([text_key(t) for t in corpus], dtype=np.int64)
+                corpus.add(text)
+        self.row_of = corpus.row_of
+        self.task = MiningTask(queries=list(queries), corpus=corpus.texts, positives=positives)
+        self.corpus_keys = np.array([text_key(t) for t in corpus.texts], dtype=np.int64)
         self.file_keys = examples.keys.negatives.copy()
         self.current = np.full((len(examples), self.width), KEEP, dtype=np.int32)
         """The negatives served now, as corpus rows (KEEP: the file's)."""
