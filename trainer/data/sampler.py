@@ -137,32 +137,34 @@ class NoDuplicatesBatchSampler:
         return np.concatenate(cycles)[:count]
 
     def _pack_clusters(self, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Each cluster packed on its own (so its batches hold only its pairs); what is left of the
-        clusters of a source (fewer pairs than a batch takes) is packed together afterwards, so
-        that no pair is left out for good. A source's weight scales every one of its clusters."""
+        """Each cluster packed into full batches of its own pairs only; what is left of the clusters
+        of a source (fewer pairs than a batch takes) is packed afterwards, in cluster order, so that
+        a batch keeps the recipe's size, holds the tails of as few clusters as possible, and no
+        pair is left out for good. A source's weight scales every one of its clusters."""
         packed = []
         for clusters, group, count in zip(self.clusters, self.groups, self.counts):
             rest = []
             for cluster in clusters:
                 share = len(cluster) if count == len(group) else max(1, round(count * len(cluster) / len(group)))
-                flat, bounds, left = self._pack(self._draw(cluster, share, rng))
+                flat, bounds, left = self._pack(self._draw(cluster, share, rng), full_only=True)
                 packed.append((flat, bounds))
                 rest.append(left)
             rest = np.concatenate(rest) if rest else np.zeros(0, dtype=np.int64)
             if len(rest):
-                packed.append(self._pack(rng.permutation(rest) if self.shuffle else rest)[:2])
+                packed.append(self._pack(rest)[:2])
         return packed
 
-    def _pack(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _pack(self, order: np.ndarray, full_only: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Greedy global batches in `order`; a pair that would repeat a text waits for the next batch.
         Returns the flat indices, the batch boundaries (len(batches) + 1) and the pairs left over.
 
-        With one process a batch needs at least 2 pairs (in-batch negatives); with several, exactly
-        `num_replicas x batch_size`, since processes gather each other's equal-sized batches. Pairs
-        left over at the end are left out of this epoch (the next one reshuffles them)."""
+        With one process a batch needs at least 2 pairs (in-batch negatives); with several, or
+        with `full_only`, exactly `num_replicas x batch_size`, since processes gather each other's
+        equal-sized batches. Pairs left over at the end are left out of this epoch (the next one
+        reshuffles them)."""
         query, positive, negatives = self.keys.query, self.keys.positive, self.keys.negatives
         size = self.batch_size * self.num_replicas
-        smallest = size if self.num_replicas > 1 else 2
+        smallest = size if self.num_replicas > 1 or full_only else 2
         flat = array("q")  # 8 bytes per index, not a Python int object each
         bounds = array("q", [0])
         waiting: deque[int] = deque()

@@ -56,10 +56,13 @@ def test_every_batch_comes_from_one_cluster_and_no_pair_is_left_out():
         batches = list(sampler)
         seen = [i for b in batches for i in b]
         assert sorted(seen) == list(range(len(labels)))  # each pair once per epoch, the lone one too
-        mixed = [b for b in batches if len(set(labels[b])) > 1]
-        # a cluster's last, smaller batch stays its own (2 pairs at least); only the single pairs
-        # left over by the clusters of 17, 9 and 1 pairs are batched together
-        assert [sorted(np.bincount(labels)[labels[b]]) for b in mixed] == [[1, 9, 17]]
+        # every batch is full: the clusters' own 8 (17 -> 2, 9 -> 1, 30 -> 3, 1 -> 0, 23 -> 2), then
+        # their tails (1 + 1 + 6 + 1 + 7 = 16 pairs) packed in cluster order into 2 more
+        assert [len(b) for b in batches] == [8] * 10
+        single = [b for b in batches if len(set(labels[b])) == 1]
+        assert sorted(int(labels[b[0]]) for b in single) == [0, 0, 1, 2, 2, 2, 4, 4]
+        mixed = [sorted(set(labels[b].tolist())) for b in batches if len(set(labels[b])) > 1]
+        assert sorted(mixed) == [[0, 1, 2], [3, 4]]  # tails in cluster order: 1 + 1 + 6, then 1 + 7
 
 
 def test_a_run_with_clustered_batches_saves_its_clusters_and_reads_them_back(tmp_path, tiny_model, pairs_file, capsys):
