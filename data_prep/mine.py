@@ -310,6 +310,7 @@ def load_encoder(args: argparse.Namespace):
         encoder.to("cuda")
     device_type = next(encoder.parameters()).device.type
     mixed_precision = precision.resolve(args.mixed_precision, device_type)
+    precision.announce(args.mixed_precision, mixed_precision, device_type)
     return cached_text_encoder(encoder, config, device_type, mixed_precision), config, mixed_precision
 
 

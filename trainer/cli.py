@@ -149,6 +149,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{args.model}: embeddings cut to {config.embedding_dim} dimensions (saved with the model)", file=sys.stderr)
     device_type = next(encoder.parameters()).device.type
     mixed_precision = precision.resolve(args.mixed_precision, device_type)
+    precision.announce(args.mixed_precision, mixed_precision, device_type)
     text_encoder = cached_text_encoder(encoder, config, device_type, mixed_precision)
     metrics = {}
     for eval_set, evaluator in zip(eval_sets, evaluators):

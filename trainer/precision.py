@@ -42,6 +42,14 @@ def resolve(precision: str, device_type: str) -> str:
     return "no"
 
 
+def announce(requested: str, resolved: str, device_type: str) -> None:
+    """Say on stderr what `auto` resolved to (stdout may be a command's JSON)."""
+    if requested == "auto":
+        import sys
+
+        print(f"precision {'bf16' if resolved == 'bf16' else 'float32'} (auto, {device_type})", file=sys.stderr)
+
+
 def autocast(precision: str, device_type: str):
     """The autocast context for a resolved `precision` on `device_type` (none for `no`)."""
     import torch

@@ -139,3 +139,17 @@ def test_cli_writes_rows_and_manifest_that_train_reads(tmp_path, tiny_model, tin
 
     examples = read_examples(PairsSource(kind="pairs", path=str(out), negatives_column="negatives"))
     assert len(examples) == 28 and all(len(e.negatives) == 2 for e in examples)
+
+
+def test_auto_precision_says_what_it_resolved_to_on_stderr(tmp_path, tiny_model, tiny_beir, capsys):
+    from trainer import precision
+    from trainer.cli import main
+
+    out = tmp_path / "m.jsonl"
+    assert main(["prep", "mine", "--beir", str(tiny_beir), "--model", str(tiny_model), "--num-negatives", "1",
+                 "--mixed-precision", "auto", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    expected = "bf16" if precision.cpu_has_native_bf16() else "float32"
+    assert f"precision {expected} (auto, cpu)" in captured.err and "(auto" not in captured.out
+    manifest = json.loads(out.with_name("m.jsonl.manifest.json").read_text())
+    assert manifest["settings"]["mixed_precision"] == ("bf16" if expected == "bf16" else "no")
