@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from data_prep.mine import add_task_arguments, encoder_device, load_encoder, task_from_beir
-from data_prep.output import check_output, positive_int, tool_main, write_jsonl
+from data_prep.mine import add_task_arguments, encoder_device, load_encoder, query_chunk, task_from_beir
+from data_prep.output import check_output, positive_int, tool_main, write_kept_and_rejected
 from trainer import precision
 from trainer.config import PairsSource
 from trainer.data.errors import DataError
@@ -38,7 +38,7 @@ def positive_ranks(queries, documents, positives: list[list[int]], corpus: list[
     import torch
 
     ranks: list[list[int]] = []
-    chunk = max(1, min(256, 2**26 // max(1, documents.shape[0])))  # at most 2**26 scores at a time
+    chunk = query_chunk(documents.shape[0])
     text_rows: dict[str, list[int]] = {}
     for row, text in enumerate(corpus):
         text_rows.setdefault(text, []).append(row)
@@ -113,11 +113,7 @@ def run(args: argparse.Namespace) -> int:
         "corpus": len(task.corpus),
         "seconds": round(time.time() - started, 1),
     }
-    rejected_path = out.with_name(out.name + ".rejected.jsonl")
-    if rejected:
-        write_jsonl(rejected, rejected_path, None)
-        manifest["rejected_file"] = str(rejected_path)
-    manifest_path = write_jsonl(kept, out, manifest)
+    manifest_path, rejected_path = write_kept_and_rejected(kept, rejected, out, manifest)
     print(f"kept {len(kept)} of {pairs} pairs ({len(kept) / pairs:.1%}): positive in the top {args.top_k} of "
           f"{len(task.corpus)} documents; wrote {out}; manifest {manifest_path}")
     if rejected:

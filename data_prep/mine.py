@@ -22,7 +22,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from data_prep.output import check_output, positive_int, tool_main, write_jsonl
+from data_prep.output import check_output, positive_int, tool_main, write_kept_and_rejected
 from trainer import precision
 from trainer.config import PairsSource
 from trainer.data.beir import DistinctTexts, document_texts, read_beir
@@ -136,9 +136,7 @@ def select_negatives(
     if settings.search == "faiss":
         scores, indices = faiss_search(queries, documents, top_k)
     else:
-        # at most 2**26 scores (256 MB) at a time, however large the corpus
-        chunk_size = max(1, min(256, 2**26 // max(1, documents.shape[0])))
-        scores, indices = exact_search(queries, documents, top_k=top_k, chunk_size=chunk_size)
+        scores, indices = exact_search(queries, documents, top_k=top_k, chunk_size=query_chunk(documents.shape[0]))
     rng = random.Random(settings.seed)
     report = MiningReport()
     rows = []
@@ -174,6 +172,11 @@ def select_negatives(
             )
     report.rows = len(rows)
     return rows, report
+
+
+def query_chunk(corpus_size: int) -> int:
+    """Queries scored at a time: at most 2**26 scores (256 MB), however large the corpus."""
+    return max(1, min(256, 2**26 // max(1, corpus_size)))
 
 
 def faiss_search(queries: "torch.Tensor", documents: "torch.Tensor", top_k: int) -> tuple["torch.Tensor", "torch.Tensor"]:
@@ -238,11 +241,7 @@ def run(args: argparse.Namespace) -> int:
         "guarded_candidates": report.guarded,
         "seconds": round(time.time() - started, 1),
     }
-    rejected = out.with_name(out.name + ".rejected.jsonl")
-    if report.dropped:
-        write_jsonl(report.dropped, rejected, None)
-        manifest["rejected_file"] = str(rejected)
-    manifest_path = write_jsonl(rows, out, manifest)
+    manifest_path, rejected = write_kept_and_rejected(rows, report.dropped, out, manifest)
     pairs = manifest["pairs"]
     print(f"wrote {len(rows)} rows to {out}; manifest {manifest_path}")
     if pairs > len(task.queries):
@@ -291,15 +290,16 @@ def task_from_args(args: argparse.Namespace) -> tuple[MiningTask, dict]:
     return task, source
 
 
-def load_encoder(args: argparse.Namespace):
-    """(text encoder, its ModelConfig, resolved mixed precision) for `add_task_arguments`' options:
-    on the GPU when there is one, reading and filling the shared embedding cache."""
+def load_encoder(args: argparse.Namespace, model: str | None = None):
+    """(text encoder, its ModelConfig, resolved mixed precision) for `add_task_arguments`' options
+    (`model` in place of --model, e.g. a teacher): on the GPU when there is one, reading and
+    filling the shared embedding cache."""
     import torch
 
     from trainer.model.embedding_cache import cached_text_encoder
     from trainer.model.encoder import Encoder, SequenceLengthError, embedding_config
 
-    config = embedding_config(args.model, args.trust_remote_code)
+    config = embedding_config(model or args.model, args.trust_remote_code)
     if args.max_seq_length:
         config.max_seq_length = args.max_seq_length
     try:

@@ -110,6 +110,16 @@ def write_jsonl(rows: list[dict], out: Path, manifest: dict | None) -> Path | No
     return writer.commit(manifest)
 
 
+def write_kept_and_rejected(rows: list[dict], rejected: list[dict], out: Path, manifest: dict) -> tuple[Path | None, Path]:
+    """The rows and their manifest, and the rows left out in `<out>.rejected.jsonl` when there are
+    any (named in the manifest as `rejected_file`); returns the manifest's and that file's paths."""
+    rejected_path = out.with_name(out.name + ".rejected.jsonl")
+    if rejected:
+        write_jsonl(rejected, rejected_path, None)
+        manifest["rejected_file"] = str(rejected_path)
+    return write_jsonl(rows, out, manifest), rejected_path
+
+
 def file_sha256(path: Path) -> str:
     hasher = hashlib.sha256()
     with path.open("rb") as handle:

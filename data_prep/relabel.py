@@ -21,11 +21,11 @@ query with too few candidates left is written to `<out>.rejected.jsonl`.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
-from data_prep.mine import MiningSettings, _passes_guard, add_task_arguments, encoder_device, load_encoder, task_from_args
-from data_prep.output import check_output, positive_int, tool_main, write_jsonl
+from data_prep.mine import (MiningSettings, _passes_guard, add_task_arguments, encoder_device, load_encoder,
+                            query_chunk, task_from_args)
+from data_prep.output import check_output, positive_int, tool_main, write_kept_and_rejected
 from data_prep.score import cross_encoder_scores
 from trainer import precision
 from trainer.data.errors import DataError
@@ -64,8 +64,7 @@ def retrieve(task, encoder, top_k: int, batch_size: int) -> list[list[int]]:
 
     documents = encoder.encode(task.corpus, is_query=False, batch_size=batch_size, progress="corpus")
     queries = encoder.encode(task.queries, is_query=True, batch_size=batch_size, progress="queries")
-    chunk = max(1, min(256, 2**26 // max(1, documents.shape[0])))
-    _, indices = exact_search(queries, documents, top_k=min(top_k, len(task.corpus)), chunk_size=chunk)
+    _, indices = exact_search(queries, documents, top_k=min(top_k, len(task.corpus)), chunk_size=query_chunk(len(task.corpus)))
     return indices.tolist()
 
 
@@ -80,9 +79,7 @@ def candidate_rows(task, retrieved: list[list[int]]) -> list[list[int]]:
 
 def embedding_teacher_scores(task, candidates: list[list[int]], args: argparse.Namespace) -> list[list[float]]:
     """The teacher's dot product of each query with each of its candidates, every text embedded once."""
-    teacher_args = copy.copy(args)
-    teacher_args.model = args.teacher
-    encoder, _, mixed_precision = load_encoder(teacher_args)
+    encoder, _, mixed_precision = load_encoder(args, model=args.teacher)
     needed = sorted({d for row in candidates for d in row})
     with precision.autocast(mixed_precision, encoder_device(encoder)):
         documents = encoder.encode([task.corpus[d] for d in needed], is_query=False, batch_size=args.batch_size,
@@ -169,11 +166,7 @@ def run(args: argparse.Namespace) -> int:
         "scores_per_row": "teacher_scores: the positive's, then each negative's",
         "seconds": round(time.time() - started, 1),
     }
-    rejected_path = out.with_name(out.name + ".rejected.jsonl")
-    if rejected:
-        write_jsonl(rejected, rejected_path, None)
-        manifest["rejected_file"] = str(rejected_path)
-    manifest_path = write_jsonl(rows, out, manifest)
+    manifest_path, rejected_path = write_kept_and_rejected(rows, rejected, out, manifest)
     print(f"wrote {len(rows)} rows to {out}; manifest {manifest_path}")
     if args.positive == "teacher":
         print(f"{relabeled} of {len(task.queries)} queries ({relabeled / len(task.queries):.1%}) got a positive the "
