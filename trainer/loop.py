@@ -475,7 +475,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
                     break  # the workers hold the old negatives: this epoch goes on from the next batch with new ones
             if done:
                 break
-            if preemption.should_stop(accelerator):
+            if preemption.should_stop_between_steps(accelerator):
                 check_nonfinite()
                 raise stop(saved_at)
         else:
