@@ -476,6 +476,12 @@ class TrainingConfig:
     max_tokens_per_forward: int | None = None
     """At most this many tokens (rows x padded length) per forward call, a bound on activation
     memory (a single longer text still runs alone); null: no bound. Needs sort_by_length."""
+    shape_buckets: bool = True
+    """With sort_by_length: round each sub-batch's length up to one of four lengths per doubling
+    (at most a quarter more padding) and cut sub-batches at multiples of 8 texts, so that steps
+    repeat a small set of tensor shapes. Kernels compiled per shape (oneDNN on CPUs) and freed
+    buffers are then reused instead of piling up: on a CPU the quickstart's memory stops growing
+    and its steps run faster. The loss and gradients are unchanged (padding is masked)."""
     cross_device_negatives: bool = True
     """With several processes, score every query against the documents of all processes."""
     cpu: bool = False

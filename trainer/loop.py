@@ -719,7 +719,11 @@ def prepare_model(
     )
     if trainable_only:
         keep_trainable_in_checkpoints(accelerator, encoder)
-    split = SubBatcher(sort=recipe.training.sort_by_length, max_tokens=recipe.training.max_tokens_per_forward)
+    split = SubBatcher(
+        sort=recipe.training.sort_by_length,
+        max_tokens=recipe.training.max_tokens_per_forward,
+        buckets=recipe.training.shape_buckets,
+    )
     model = Model(encoder, loss_fn, frozen, loss_parameters, loss_fn.layer_indices(), trainable_only, split)
     return model, optimizer, scheduler
 

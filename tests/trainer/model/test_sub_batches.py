@@ -13,7 +13,7 @@ from trainer.data.collate import Collator
 from trainer.data.examples import Example
 from trainer.losses import LossContext, build_loss
 from trainer.model.encoder import Encoder
-from trainer.model.sub_batches import SubBatcher, best_cuts, sub_batches, trim
+from trainer.model.sub_batches import BUCKET_ROWS, SubBatcher, best_cuts, bucket_length, sub_batches, trim
 from trainer.step import cached_step, plain_step
 
 TOLERANCE = 1e-10  # float64 throughout
@@ -151,3 +151,55 @@ def test_the_default_step_equals_the_unsorted_step(tiny_model):
     reference_grads = grads(encoder)
     assert plain_step(encoder, LOSS, batch, BACKWARD, cross_device=False)[0].item() == pytest.approx(reference.item(), abs=TOLERANCE)
     assert_same(grads(encoder), reference_grads)
+
+
+def test_bucket_lengths_are_four_per_doubling_and_at_most_a_quarter_longer():
+    assert [bucket_length(n) for n in (1, 7, 8, 9, 15, 17, 33, 50, 129, 200, 256, 257)] == [
+        1, 7, 8, 10, 16, 20, 40, 56, 160, 224, 256, 320
+    ]
+    buckets = {bucket_length(n) for n in range(1, 513)}
+    assert len([b for b in buckets if 64 <= b < 128]) == 4
+    for n in range(1, 2000):
+        assert n <= bucket_length(n) < 1.25 * n + 1e-9
+
+
+def test_bucketed_cuts_hold_multiples_of_eight_texts_but_the_last():
+    rng = random.Random(2)
+    for _ in range(100):
+        lengths = sorted((rng.randint(1, 300) for _ in range(rng.randint(1, 70))), reverse=True)
+        max_rows = rng.choice([None, 8, 12])
+        sizes = best_cuts(lengths, max_rows, None, rng.choice([0, 256]), buckets=True)
+        assert sum(sizes) == len(lengths)
+        assert all(size % BUCKET_ROWS == 0 or size == max_rows for size in sizes[:-1])
+
+
+def test_bucketed_sub_batches_repeat_shapes_and_give_the_same_loss_and_gradients(tiny_model):
+    """Batches of varied lengths use far fewer distinct shapes with buckets; right padding is
+    widened with masked columns, which change neither the loss nor its gradients."""
+    encoder = load(tiny_model)
+    shapes = {False: set(), True: set()}
+    for seed in range(12):
+        features = encoder.tokenize([e.query for e in varied(24, seed)])
+        for buckets in (False, True):
+            batches = sub_batches(features, overhead_tokens=8, buckets=buckets)
+            shapes[buckets].update(tuple(c["input_ids"].shape) for c in batches.chunks)
+            if buckets:  # right padding widened up to a bucket, never cut into the texts
+                for chunk in batches.chunks:
+                    width = chunk["attention_mask"].shape[1]
+                    assert width == bucket_length(int(chunk["attention_mask"].sum(1).max())) or width == features["input_ids"].shape[1]
+    assert len(shapes[True]) < len(shapes[False])
+
+    batch = Collator(encoder.tokenizer, 16)(varied(20, seed=5))
+    reference = plain_step(encoder, LOSS, batch, BACKWARD, cross_device=False, split=SubBatcher(sort=False))[0]
+    reference_grads = grads(encoder)
+    loss = plain_step(encoder, LOSS, batch, BACKWARD, cross_device=False, split=SubBatcher(overhead_tokens=0, buckets=True))[0]
+    assert loss.item() == pytest.approx(reference.item(), abs=TOLERANCE)
+    assert_same(grads(encoder), reference_grads)
+
+
+def test_left_padding_is_never_widened():
+    left = {"input_ids": torch.tensor([[0, 0, 5, 6, 7, 8, 9, 1, 2, 3, 4], [0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 7]]),
+            "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1]])}
+    assert trim(left, buckets=True)["input_ids"].tolist()[0] == [0, 5, 6, 7, 8, 9, 1, 2, 3, 4]  # 9 tokens: bucket 10
+    narrow = {k: v[:, 3:] for k, v in left.items()}  # the longest text fills the row: nothing to keep
+    assert trim(narrow, buckets=True)["input_ids"].shape[1] == 8
