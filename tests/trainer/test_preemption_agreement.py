@@ -2,16 +2,14 @@
 without a device tensor (the agreement runs over a gloo group on CPU numbers)."""
 
 import json
-import time
 from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from conftest import run_processes
 from trainer.preemption import PreemptionWatch
 
 SIGNAL_AT = 3
@@ -44,13 +42,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_processes_stop_at_the_same_step_one_step_late(tmp_path):
-    workers = mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 120
-    while not workers.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.terminate()
-            pytest.fail("the two processes did not finish within 120 s")
+    run_processes(_worker, (2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, seconds=120)
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     for result in results:
         assert result["before"] is False

@@ -1,6 +1,5 @@
 """The cached (GradCache) step and cross-device negatives give the plain step's loss and gradients."""
 
-import time
 from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
@@ -8,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import assert_same, grads, make_pairs
+from conftest import assert_same, grads, make_pairs, run_processes
 from trainer.config import InfoNCEConfig, ModelConfig
 from trainer.data.collate import Collator
 from trainer.data.examples import Example
@@ -144,13 +142,7 @@ def _worker(rank: int, world: int, init_file: str, model_dir: str, out_dir: str)
 
 
 def test_two_processes_equal_one_process_on_the_concatenated_batch(tiny_model, tmp_path):
-    workers = mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tiny_model), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300
-    while not workers.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.terminate()
-            pytest.fail("the two processes did not finish within 300 s")
+    run_processes(_worker, (2, str(tmp_path / "init"), str(tiny_model), str(tmp_path)), nprocs=2)
     encoder = load(tiny_model).eval()
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for name, configs in [("infonce", None)] + list(loss_configs(tiny_model).items()):

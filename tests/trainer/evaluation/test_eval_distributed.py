@@ -5,16 +5,14 @@ import json
 import math
 import os
 import shutil
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import FILLER, TOPICS, make_pairs
+from conftest import FILLER, TOPICS, make_pairs, run_processes
 from trainer.config import ModelConfig, Recipe, load_recipe
 from trainer.evaluation.runner import EvalRunner
 from trainer.model.encoder import Encoder
@@ -147,13 +145,7 @@ def _worker(rank: int, init_file: str, model_dir: str, folder: str, beir: str, s
 
 def spawn(folder: Path, model: Path, beir: Path, sts: Path, kind: str) -> list[dict]:
     args = (str(folder / "init"), str(model), str(folder), str(beir), str(sts), kind)
-    workers = mp.spawn(_worker, args=args, nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 300
-    while not workers.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in workers.processes:
-                process.terminate()
-            pytest.fail(f"the {WORLD} processes did not finish within 300 s")
+    run_processes(_worker, args, nprocs=WORLD)
     return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
 
 
