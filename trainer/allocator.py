@@ -12,6 +12,13 @@ afresh each time (`tests/trainer/test_allocator.py`).
 `configure_allocator()` does this with glibc's `mallopt` at start, unless the user chose for
 themselves: any `MALLOC_*` tuning variable set, jemalloc or tcmalloc preloaded, or
 `EMBTRAIN_ALLOCATOR=default`. Elsewhere (macOS, musl, Windows) it does nothing.
+
+Better still is an allocator built for this: where tcmalloc or jemalloc is installed (Debian:
+`libtcmalloc-minimal4`, `libjemalloc2`), the `embtrain` command runs itself again with it
+preloaded (`preload_allocator`, before anything heavy is imported), told to keep freed memory.
+On a quickstart step (bf16, batch 32 + 32 hard negatives, 2-core CPU): glibc heap-only 3.55 s
+and 3.84 GB after 40 steps, tcmalloc 3.17 s and 3.18 GB, jemalloc 3.19 s and 3.54 GB (25 steps).
+`EMBTRAIN_ALLOCATOR=glibc` keeps glibc with the settings above.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import sys
 
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -28,6 +36,37 @@ NEVER = -1
 
 TUNING_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES")
 
+PRELOADS = (
+    ("tcmalloc_minimal", {"TCMALLOC_RELEASE_RATE": "0"}),
+    ("tcmalloc", {"TCMALLOC_RELEASE_RATE": "0"}),
+    ("jemalloc", {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
+)
+"""Allocators to preload, best first (measured in the module docstring), with the setting that
+makes each keep freed memory for reuse instead of handing it back to the kernel."""
+
+PRELOADED_MARK = "EMBTRAIN_ALLOCATOR_PRELOADED"
+"""Set in the re-executed command, so that it never re-executes again (even if the loader
+refused the library)."""
+
+
+def preload_allocator() -> None:
+    """Run this command again with tcmalloc or jemalloc preloaded, when one is installed and the
+    user has not chosen an allocator (`EMBTRAIN_ALLOCATOR`, `LD_PRELOAD`, a `MALLOC_*` variable)
+    or already been through here. Returns only when nothing is to be done; call it first."""
+    if os.environ.get(PRELOADED_MARK) or os.environ.get("EMBTRAIN_ALLOCATOR") or os.environ.get("LD_PRELOAD"):
+        return
+    if any(name in os.environ for name in TUNING_VARIABLES + ("MALLOC_CONF", "TCMALLOC_RELEASE_RATE")):
+        return
+    if platform.system() != "Linux" or not getattr(sys, "orig_argv", None):
+        return
+    for name, settings in PRELOADS:
+        library = ctypes.util.find_library(name)
+        if library:
+            env = {**os.environ, **settings, "LD_PRELOAD": library, PRELOADED_MARK: library}
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execve(sys.executable, sys.orig_argv, env)
+
 
 def configure_allocator() -> str:
     """Apply the training settings; returns what was done, for the run's log."""
@@ -35,7 +74,7 @@ def configure_allocator() -> str:
         return "default (EMBTRAIN_ALLOCATOR=default)"
     preloaded = os.environ.get("LD_PRELOAD", "")
     if "jemalloc" in preloaded or "tcmalloc" in preloaded:
-        return f"preloaded ({preloaded})"
+        return f"preloaded ({preloaded}), keeping freed memory" if os.environ.get(PRELOADED_MARK) else f"preloaded ({preloaded})"
     chosen = [name for name in TUNING_VARIABLES if name in os.environ]
     if chosen:
         return f"as set by {', '.join(chosen)}"

@@ -1,5 +1,6 @@
 """The allocator keeps freed activation memory for the next step, unless the user chose otherwise."""
 
+import ctypes.util
 import json
 import os
 import platform
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.allocator import configure_allocator
+from trainer.allocator import PRELOADS, configure_allocator
 
 ROOT = Path(__file__).resolve().parents[2]
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
@@ -18,7 +19,7 @@ STEPS = """
 import json, resource, sys
 sys.path.insert(0, {root!r})
 if {configure}:
-    from trainer.allocator import configure_allocator
+    from trainer.allocator import PRELOADS, configure_allocator
     configure_allocator()
 import torch
 torch.manual_seed(0)
@@ -66,3 +67,37 @@ def test_on_glibc_it_says_what_it_did(monkeypatch):
 def test_the_users_own_choice_is_left_alone(monkeypatch, name, value, said):
     monkeypatch.setenv(name, value)
     assert configure_allocator() == said
+
+
+PRELOAD = """
+import os, sys
+sys.path.insert(0, {root!r})
+from trainer.allocator import preload_allocator
+preload_allocator()
+maps = open("/proc/self/maps").read()
+print(os.environ.get("LD_PRELOAD", ""), "|", "tcmalloc" in maps or "jemalloc" in maps, "|", os.environ.get("TCMALLOC_RELEASE_RATE", ""), os.environ.get("MALLOC_CONF", ""))
+"""
+
+
+def preload_run(**env) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "EMBTRAIN_ALLOCATOR", "LD_PRELOAD", "TCMALLOC_"))}
+    done = subprocess.run([sys.executable, "-c", PRELOAD.format(root=str(ROOT))], capture_output=True, text=True,
+                          env={**clean, **env}, check=True)
+    return [part.strip() for part in done.stdout.strip().splitlines()[-1].split("|")]
+
+
+installed = [name for name, _ in PRELOADS if ctypes.util.find_library(name)]
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or not installed, reason="no tcmalloc or jemalloc installed")
+def test_an_installed_allocator_is_preloaded_and_told_to_keep_freed_memory():
+    preloaded, mapped, settings = preload_run()
+    assert installed[0] in preloaded and mapped == "True"
+    assert settings in ("0", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
+
+
+@pytest.mark.parametrize("env", [{"EMBTRAIN_ALLOCATOR": "glibc"}, {"EMBTRAIN_ALLOCATOR_PRELOADED": "x"},
+                                 {"MALLOC_TRIM_THRESHOLD_": "0"}, {"MALLOC_CONF": "narenas:1"}])
+def test_no_preload_where_the_user_chose_or_it_was_done(env):
+    preloaded, mapped, _ = preload_run(**env)
+    assert preloaded == "" and mapped == "False"
