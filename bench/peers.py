@@ -6,7 +6,8 @@
     python bench/peers.py --batch-size 1024 --contestants embtrain-cached embtrain --steps 3
 
 Every contestant trains its own copy of the same model (the packaged all-MiniLM-L6-v2, in
-training mode, so with its dropout) with AdamW on the same batch at each step, one after the
+training mode, so with its dropout) with fused AdamW (embtrain's optimizer, and the default of
+transformers' Trainer, which sentence-transformers' trainer is) on the same batch at each step, one after the
 other in one process, in an order that rotates every step, so that drift of the machine falls
 on all of them alike. A step is all its real work: tokenising, forward, loss, backward and the
 optimiser step.
@@ -117,8 +118,9 @@ class Embtrain(Contestant):
     def __init__(self, name: str, max_seq_length: int, chunk_size: int | None) -> None:
         import torch
 
-        from trainer.config import InfoNCEConfig, ModelConfig
+        from trainer.config import InfoNCEConfig, ModelConfig, OptimizerConfig
         from trainer.data.collate import Collator
+        from trainer.loop import build_optimizer
         from trainer.losses import LossContext, build_loss
         from trainer.model.encoder import Encoder
         from trainer.model.sub_batches import SubBatcher
@@ -131,7 +133,7 @@ class Embtrain(Contestant):
         self.collate = Collator(self.encoder.tokenizer, max_seq_length)
         self.loss = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)], LossContext(dim=self.encoder.dim, normalized=True))
         self.split = SubBatcher()
-        self.optimizer = torch.optim.AdamW(self.encoder.parameters(), lr=2e-5)
+        self.optimizer = build_optimizer(self.encoder, OptimizerConfig(lr=2e-5))  # the trainer's own (fused AdamW)
         self.counter = TokenCounter()
 
     def step(self, rows: list) -> float:
@@ -171,7 +173,7 @@ class SentenceTransformers(Contestant):
             self.loss = losses.MultipleNegativesRankingLoss(self.model, scale=20.0)
         else:
             self.loss = losses.CachedMultipleNegativesRankingLoss(self.model, scale=20.0, mini_batch_size=chunk_size)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5, fused=True)  # transformers' default on torch >= 2.8
         self.counter = TokenCounter()
         self.preprocess = getattr(self.model, "preprocess", None) or self.model.tokenize  # renamed in 6.x
 
@@ -201,7 +203,7 @@ class Bare(Contestant):
         folder = locate_model(MODEL)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder, add_pooling_layer=False).train()
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5, fused=True)  # transformers' default on torch >= 2.8
         self.counter = TokenCounter()
 
     def embed(self, texts: list[str]):
