@@ -33,9 +33,11 @@ Features = dict[str, torch.Tensor]
 BUCKET_ROWS = 8
 """With shape buckets, sub-batches hold a multiple of this many texts (but the last)."""
 
-OVERHEAD_TOKENS = 256
-"""Default cost of one forward call, in tokens (a round guess, not tuned yet): with it, a column
-of 32 texts of 256 tokens stays one forward, and texts of very different lengths are split."""
+OVERHEAD_TOKENS = 64
+"""Default cost of one forward call, in tokens. Measured on a 2-core CPU (MiniLM, batch 64,
+fp32): 64 against 256 took SNLI triplets from 0.700 to 0.789 padding efficiency and 1.11 to
+1.05 s per step, SciFact pairs from 0.929 to 0.953 and 8.78 to 8.66 s; 16 gained 0.04 more
+efficiency on SNLI for no further speed (smaller matrix products run slower per token)."""
 
 
 @dataclass
