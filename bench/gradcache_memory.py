@@ -82,7 +82,7 @@ def main() -> None:
     for batch in args.batch_sizes:
         for mode in args.modes:
             if mode == "plain" and batch > args.max_plain_batch:
-                rows.append({"mode": mode, "batch": batch, "status": f"skipped (> --max-plain-batch)"})
+                rows.append({"mode": mode, "batch": batch, "status": "skipped (> --max-plain-batch)"})
                 continue
             command = [sys.executable, __file__, "--child", f"{mode}:{batch}", "--chunk-size", str(args.chunk_size),
                        "--max-seq-length", str(args.max_seq_length), "--device", args.device]
