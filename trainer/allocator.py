@@ -16,8 +16,8 @@ themselves: any `MALLOC_*` tuning variable set, jemalloc or tcmalloc preloaded, 
 Better still is an allocator built for this: where tcmalloc or jemalloc is installed (Debian:
 `libtcmalloc-minimal4`, `libjemalloc2`), the `embtrain` command runs itself again with it
 preloaded (`preload_allocator`, before anything heavy is imported), told to keep freed memory.
-On a quickstart step (bf16, batch 32 + 32 hard negatives, 2-core CPU): glibc heap-only 3.55 s
-and 3.84 GB after 40 steps, tcmalloc 3.17 s and 3.18 GB, jemalloc 3.19 s and 3.54 GB (25 steps).
+On quickstart steps (bf16, batch 32 + 32 hard negatives, 2-core CPU, steps 2 to 25): glibc
+heap-only 3.64 s and 3.81 GB, tcmalloc 3.15 s and 3.18 GB, jemalloc 3.17 s and 3.54 GB.
 `EMBTRAIN_ALLOCATOR=glibc` keeps glibc with the settings above.
 """
 
@@ -55,7 +55,7 @@ def preload_allocator() -> None:
     or already been through here. Returns only when nothing is to be done; call it first."""
     if os.environ.get(PRELOADED_MARK) or os.environ.get("EMBTRAIN_ALLOCATOR") or os.environ.get("LD_PRELOAD"):
         return
-    if any(name in os.environ for name in TUNING_VARIABLES + ("MALLOC_CONF", "TCMALLOC_RELEASE_RATE")):
+    if any(name in os.environ for name in TUNING_VARIABLES + tuple(k for _, settings in PRELOADS for k in settings)):
         return
     if platform.system() != "Linux" or not getattr(sys, "orig_argv", None):
         return

@@ -64,7 +64,7 @@ class PreemptionWatch:
         stop = self._collect()  # a between-steps agreement still open counts too
         group = self._cpu_group()
         if group is None:
-            flag = torch.tensor([1.0 if self.received else 0.0], device=accelerator.device)
+            flag = self._flag().to(accelerator.device)
             return bool(accelerator.reduce(flag, reduction="sum").item() > 0) or stop
         flag = self._flag()
         dist.all_reduce(flag, group=group)

@@ -116,13 +116,14 @@ def trim(chunk: Features, buckets: bool = False) -> Features:
     masked columns where the chunk is narrower; under left padding (or none, where the side is
     unknown) only within the chunk, as more left padding would move a decoder's positions."""
     mask = chunk["attention_mask"]
-    used = mask.any(dim=0).nonzero()
-    if len(used) == 0:
-        return chunk
-    first, last = int(used[0]), int(used[-1]) + 1
     width = mask.shape[1]
+    # one transfer to the host: which columns hold a text, and whether the first / last is full
+    *used, first_full, last_full = torch.cat([mask.any(dim=0), mask[:, 0].all()[None], mask[:, -1].all()[None]]).tolist()
+    if not any(used):
+        return chunk
+    first, last = used.index(True), width - used[::-1].index(True)
     if buckets:
-        right_padded = bool(mask[:, 0].all()) and not bool(mask[:, -1].all())
+        right_padded = first_full and not last_full
         bucket = bucket_length(last - first)
         if right_padded:
             last = bucket
