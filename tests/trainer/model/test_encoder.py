@@ -76,3 +76,39 @@ def test_the_recipes_dropouts_reach_the_model_and_a_missing_one_is_refused(tiny_
         Encoder.from_config(ModelConfig(name_or_path=str(decoder), max_seq_length=16, hidden_dropout=0.1))
     with pytest.raises(FieldError, match="attention_dropout"):
         ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, attention_dropout=1.0)
+
+
+def widths_seen(encoder: Encoder) -> list[int]:
+    widths = []
+    encoder.backbone.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    return widths
+
+
+def test_encode_pads_each_batch_to_its_shape_bucket_and_embeds_as_alone(tiny_model):
+    """A corpus brings a few tensor shapes (oneDNN keeps kernels per shape), embeddings unchanged."""
+    from conftest import FILLER, TOPICS
+    from trainer.model.sub_batches import bucket_length
+
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=64)).double()
+    texts = [" ".join((TOPICS + FILLER)[: 3 + 2 * i]) for i in range(12)]  # 5 to 27 tokens
+    widths = widths_seen(encoder)
+    got = encoder.encode(texts, is_query=False, batch_size=3)
+    lengths = sorted((int(m.sum()) for m in encoder.tokenize(texts)["attention_mask"]), reverse=True)
+    assert widths == [bucket_length(lengths[i]) for i in range(0, 12, 3)]
+    assert any(w > lengths[i] for w, i in zip(widths, range(0, 12, 3)))  # some batch was widened
+    alone = torch.cat([encoder.encode([t], is_query=False) for t in texts])
+    torch.testing.assert_close(got, alone, atol=1e-12, rtol=0)
+
+
+def test_encode_never_widens_left_padding(tmp_path):
+    from conftest import tiny_decoder
+
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_decoder(tmp_path / "qwen2")), pooling="last_token", max_seq_length=64))
+    encoder.tokenizer.padding_side = "left"
+    encoder = encoder.double()
+    texts = ["apple river engine and the story of it", "why", "the note"]  # 39, 4 and 9 tokens with the EOS
+    widths = widths_seen(encoder)
+    got = encoder.encode(texts, is_query=False, batch_size=3)
+    assert widths == [39]  # the longest text's length; its bucket (40) would shift positions under left padding
+    alone = torch.cat([encoder.encode([t], is_query=False) for t in texts])
+    torch.testing.assert_close(got, alone, atol=1e-10, rtol=0)
