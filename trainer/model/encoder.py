@@ -20,6 +20,7 @@ from trainer.config import ModelConfig, RecipeError
 from trainer.data.collate import PROMPT_LENGTH, prompt_token_count, tokenize
 from trainer.errors import RunError
 from trainer.model.pooling import POOLING
+from trainer.model.sub_batches import trim
 from trainer.progress import progress_bar
 from trainer.schema import Builder
 
@@ -625,9 +626,12 @@ class Encoder(torch.nn.Module):
         """Embeddings (N, H) in float32 on the CPU, with the query or document prompt added
         (`prompt` instead, when given: an evaluation set's own instruction).
 
-        Texts are sorted by length so that batches carry little padding. `module` is called
-        instead of this encoder when given: FSDP1's wrapper, whose forward gathers the sharded
-        parameters."""
+        Texts are sorted by length so that batches carry little padding, and a batch is padded
+        on the right up to its shape bucket (`sub_batches.bucket_length`), so that a corpus
+        brings a few tensor shapes instead of one per batch: on a CPU, oneDNN compiles and keeps
+        kernels per shape (the SciFact corpus: 0.2 GB less peak memory, the same speed in bf16,
+        1.6% slower in float32). `module` is called instead of this encoder when given: FSDP1's
+        wrapper, whose forward gathers the sharded parameters."""
         if prompt is None:
             prompt = self.config.query_prompt if is_query else self.config.document_prompt
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -641,7 +645,7 @@ class Encoder(torch.nn.Module):
             features = self.tokenize([prompt + texts[i] for i in index])
             if not self.config.pool_prompt:
                 features[PROMPT_LENGTH] = torch.full((len(index),), prompt_token_count(self.tokenizer, prompt))
-            features = {k: v.to(device) for k, v in features.items()}
+            features = {k: v.to(device) for k, v in trim(features, buckets=True).items()}
             out[index] = (self if module is None else module)(features).float().cpu()
         self.train(was_training)
         return out
