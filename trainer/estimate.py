@@ -152,23 +152,35 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def saved_activation_bytes(backbone, rows: int, length: int, autocast: torch.dtype | None, grad: bool = True) -> int:
+def saved_activation_bytes(
+    backbone, rows: int, length: int, autocast: torch.dtype | None, grad: bool = True, recompute: bool = False
+) -> int:
     """Bytes autograd keeps for the backward pass of one forward over (rows, length) tokens,
-    parameters excluded (under FakeTensorMode: `backbone` is fake)."""
+    parameters excluded (under FakeTensorMode: `backbone` is fake). `recompute`: activation
+    outputs are not kept (model.recompute_activations)."""
     if rows == 0:
         return 0
+    from trainer.model.recompute import ActivationRecompute
+
     parameters = {id(p.untyped_storage()) for p in backbone.parameters()}
     kept: list[torch.Tensor] = []
+    recomputed = ActivationRecompute(backbone) if recompute else None
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        kept.append(tensor)
+        if recomputed is None or recomputed.keeps(tensor):
+            kept.append(tensor)
         return tensor
 
     ids = torch.zeros(rows, length, dtype=torch.long)
     mask = torch.ones(rows, length, dtype=torch.long)
     context = torch.autocast("cpu", dtype=autocast) if autocast is not None else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context, torch.set_grad_enabled(grad):
-        backbone(input_ids=ids, attention_mask=mask)
+    recording = recomputed.recording() if recomputed is not None else contextlib.nullcontext()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context, torch.set_grad_enabled(grad), recording:
+            backbone(input_ids=ids, attention_mask=mask)
+    finally:
+        if recomputed is not None:
+            recomputed.remove()
     storages = {}
     for tensor in kept:
         storage = tensor.untyped_storage()
@@ -205,13 +217,14 @@ def estimate(recipe: Recipe, *, world_size: int = 1, zero_stage: int = 0, device
         length = shape.max_seq_length
         documents = shape.batch_size * shape.documents_per_query
         layers = getattr(config, "num_hidden_layers", 1) or 1
+        recompute = model_config.recompute_activations and not checkpointing
         if shape.chunk_size is None:
             columns = [(shape.batch_size, length), (documents, length)]
-            full = sum(saved_activation_bytes(backbone, rows, cols, autocast) for rows, cols in columns)
+            full = sum(saved_activation_bytes(backbone, rows, cols, autocast, recompute=recompute) for rows, cols in columns)
             biggest = max(columns)
         else:  # one chunk at a time, the longest texts being the worst chunk
             biggest = (min(shape.chunk_size, max(shape.batch_size, documents)), length)
-            full = saved_activation_bytes(backbone, *biggest, autocast)
+            full = saved_activation_bytes(backbone, *biggest, autocast, recompute=recompute)
         one_layer = _per_layer(config, model_config, biggest, autocast)
         if checkpointing:
             hidden = getattr(config, "hidden_size", 0)

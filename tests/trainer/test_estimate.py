@@ -13,7 +13,7 @@ import pytest
 from conftest import FILLER, TOPICS, write_recipe
 from trainer.cli import main
 from trainer.config import load_recipe
-from trainer.estimate import CPU_BASELINE_BYTES, estimate
+from trainer.estimate import CPU_BASELINE_BYTES, estimate, step_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,6 +62,12 @@ def test_the_parts_follow_the_recipe(tmp_path, tiny_model, pairs_file):
     assert bf16.activations < plain.activations
     longer = estimate(load_recipe(path, ["model.max_seq_length=32"]))
     assert longer.activations > 1.8 * plain.activations  # twice the tokens
+    # recomputed activations: each layer's GELU output (intermediate size 64, float32) is not kept
+    kept = estimate(load_recipe(path, ["model.recompute_activations=false"]))
+    shape = step_shape(base, [])
+    texts = shape.batch_size * (1 + shape.documents_per_query)
+    assert kept.activations - plain.activations == texts * shape.max_seq_length * 64 * 4 * 2  # 2 layers
+    assert estimate(base, gradient_checkpointing=True).activations == checkpointed.activations  # nothing more to recompute there
 
 
 def test_a_batch_that_does_not_fit_gets_a_chunk_size_that_does(tmp_path, capsys):

@@ -82,7 +82,7 @@ def model_fingerprint(model: ModelConfig) -> str | None:
     # the files' content stands for their path; every model setting but those that cannot change an
     # embedding, so a new setting is keyed by default (and `lora`: fresh adapters start as the
     # identity, peft initialising B at zero; dropouts act in training only)
-    unchanging = ("name_or_path", "gradient_checkpointing", "trust_remote_code", "lora", "attention_dropout", "hidden_dropout")
+    unchanging = ("name_or_path", "gradient_checkpointing", "recompute_activations", "trust_remote_code", "lora", "attention_dropout", "hidden_dropout")
     settings = {k: v for k, v in asdict(model).items() if k not in unchanging}
     blob = json.dumps([weights, settings], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

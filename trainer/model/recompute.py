@@ -61,11 +61,16 @@ class ActivationRecompute:
     forward pass with gradients makes that pass keep recipes instead of activation outputs."""
 
     def __init__(self, backbone: torch.nn.Module) -> None:
-        self._outputs: dict[int, _Output] = {}  # by storage address, while a forward pass runs
+        self._outputs: dict[int, _Output] = {}  # by storage (its address in memory), while a forward pass runs
         self._active = False
         self.modules = [m for m in backbone.modules() if is_pure_activation(m)]
-        for module in self.modules:
-            module.register_forward_hook(self._record)
+        self._handles = [module.register_forward_hook(self._record) for module in self.modules]
+
+    def remove(self) -> None:
+        """Take the hooks off the modules."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.modules = [], []
 
     def _record(self, module: torch.nn.Module, args: tuple, output: object) -> None:
         if not self._active or not args:
@@ -75,12 +80,12 @@ class ActivationRecompute:
             return
         same_layout = output.shape == x.shape and output.dtype == x.dtype and output.is_contiguous() and x.is_contiguous()
         if same_layout and output.numel() and output.storage_offset() == 0:
-            self._outputs[output.untyped_storage().data_ptr()] = _Output(weakref.ref(output), x, module)
+            self._outputs[output.untyped_storage()._cdata] = _Output(weakref.ref(output), x, module)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor | _Recipe:
         if not tensor.numel():
             return tensor
-        made = self._outputs.get(tensor.untyped_storage().data_ptr())
+        made = self._outputs.get(tensor.untyped_storage()._cdata)
         output = None if made is None else made.output()
         if output is None or output.dtype != tensor.dtype:  # not an activation's output (alive)
             return tensor
@@ -104,10 +109,20 @@ class ActivationRecompute:
         if self._active or not torch.is_grad_enabled() or not self.modules:
             yield
             return
+        with self.recording(), torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Note the activation outputs of the forward passes inside, for `keeps` (the memory
+        estimate counts what is kept, under hooks of its own)."""
         self._active = True
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                yield
+            yield
         finally:
             self._active = False
             self._outputs.clear()
+
+    def keeps(self, tensor: torch.Tensor) -> bool:
+        """Whether a tensor autograd saves is kept as it is (not made again from an input)."""
+        return not isinstance(self._pack(tensor), _Recipe)
