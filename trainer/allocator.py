@@ -86,3 +86,24 @@ def configure_allocator() -> str:
     except (OSError, AttributeError):
         return "default"
     return "glibc: heap only, never trimmed" if done else "default"
+
+
+def release_free_memory() -> bool:
+    """Hand the allocator's free memory back to the kernel now: glibc's `malloc_trim` (which also
+    frees whole free pages inside the heap), tcmalloc's `MallocExtension_ReleaseFreeMemory`.
+    Called before an evaluation during training: the training step's freed buffers are kept for
+    the next step, but evaluation's batches have other sizes and would otherwise come on top of
+    them (the quickstart under glibc: the process peaked 0.3 GB above its steps, in its final
+    evaluation). Returns whether an allocator did it."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        process = ctypes.CDLL(None)
+    except OSError:
+        return False
+    for name, argument in (("MallocExtension_ReleaseFreeMemory", None), ("malloc_trim", 0)):
+        function = getattr(process, name, None)
+        if function is not None:
+            function() if argument is None else function(argument)
+            return True
+    return False

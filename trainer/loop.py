@@ -48,7 +48,7 @@ from trainer.model.frozen import cache_identity, cache_name, frozen_key, load_fr
 from trainer.model.lora import describe_parameters, is_lora, keep_trainable_in_checkpoints
 from trainer.model.sub_batches import SubBatcher
 from trainer import precision
-from trainer.allocator import configure_allocator
+from trainer.allocator import configure_allocator, release_free_memory
 from trainer.preemption import PreemptionWatch
 from trainer.progress import progress_bar
 from trainer.run_dir import (
@@ -458,6 +458,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
             every = recipe.evaluation.every_steps
             if every and state.step % every == 0 and not done and recipe.evaluation.sets:
                 with clock.timing("evaluation"):
+                    release_free_memory()  # the steps' freed buffers, which evaluation's would come on top of
                     metrics = evals.run(accelerator, model.encoder)
                     metrics_log.write(state.step, metrics)
                     evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)
@@ -489,6 +490,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
     # ---------------------------------------------------------------- finish
     if recipe.evaluation.at_end and recipe.evaluation.sets:
         with clock.timing("evaluation"):
+            release_free_memory()
             metrics = evals.run(accelerator, model.encoder)
             metrics_log.write(state.step, metrics)
             evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)

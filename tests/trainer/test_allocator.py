@@ -101,3 +101,31 @@ def test_an_installed_allocator_is_preloaded_and_told_to_keep_freed_memory():
 def test_no_preload_where_the_user_chose_or_it_was_done(env):
     preloaded, mapped, _ = preload_run(**env)
     assert preloaded == "" and mapped == "False"
+
+
+RELEASE = """
+import json, sys
+sys.path.insert(0, {root!r})
+from trainer.allocator import configure_allocator, release_free_memory
+configure_allocator()
+import torch
+
+def resident_mib():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
+
+big = torch.ones(64, 2**20)  # 256 MiB, touched
+after = torch.ones(1024)  # a block above it, so that only freeing inside the heap can return it
+del big
+kept = resident_mib()
+released = release_free_memory()
+print(json.dumps([kept, resident_mib(), released]))
+"""
+
+
+@glibc
+def test_free_memory_goes_back_to_the_kernel_when_asked():
+    """Training keeps freed memory (above); before an evaluation it is handed back."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "EMBTRAIN_ALLOCATOR", "LD_PRELOAD"))}
+    done = subprocess.run([sys.executable, "-c", RELEASE.format(root=str(ROOT))], capture_output=True, text=True, env=env, check=True)
+    kept, after, released = json.loads(done.stdout.strip().splitlines()[-1])
+    assert released and kept - after > 200  # MiB
