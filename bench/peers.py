@@ -117,8 +117,6 @@ class Contestant:
 
 class Embtrain(Contestant):
     def __init__(self, name: str, max_seq_length: int, chunk_size: int | None) -> None:
-        import torch
-
         from trainer.config import InfoNCEConfig, ModelConfig, OptimizerConfig
         from trainer.data.collate import Collator
         from trainer.loop import build_optimizer

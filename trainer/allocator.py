@@ -101,9 +101,9 @@ def release_free_memory() -> bool:
         process = ctypes.CDLL(None)
     except OSError:
         return False
-    for name, argument in (("MallocExtension_ReleaseFreeMemory", None), ("malloc_trim", 0)):
+    for name, arguments in (("MallocExtension_ReleaseFreeMemory", ()), ("malloc_trim", (0,))):
         function = getattr(process, name, None)
         if function is not None:
-            function() if argument is None else function(argument)
+            function(*arguments)
             return True
     return False

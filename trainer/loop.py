@@ -380,6 +380,15 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
                     cached.cache.flush()
             return save_checkpoint(accelerator, model.encoder, state, run_dir, recipe.checkpointing.keep_last)
 
+    def evaluate() -> dict[str, float]:
+        """Evaluate now: log the metrics and keep the best model."""
+        with clock.timing("evaluation"):
+            release_free_memory()  # the steps' freed buffers, which evaluation's would come on top of
+            metrics = evals.run(accelerator, model.encoder)
+            metrics_log.write(state.step, metrics)
+            evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)
+        return metrics
+
     def stop(saved_at: int | None) -> Preempted:
         """Saves unless this step is saved already (or nothing was trained); closes the run."""
         checkpoint = None
@@ -457,11 +466,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
             done = state.step >= data.total_steps
             every = recipe.evaluation.every_steps
             if every and state.step % every == 0 and not done and recipe.evaluation.sets:
-                with clock.timing("evaluation"):
-                    release_free_memory()  # the steps' freed buffers, which evaluation's would come on top of
-                    metrics = evals.run(accelerator, model.encoder)
-                    metrics_log.write(state.step, metrics)
-                    evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)
+                metrics = evaluate()
                 meter.restart_clock()  # throughput counts training only
             every = recipe.checkpointing.every_steps
             if every and state.step % every == 0 and not done:
@@ -489,11 +494,7 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
 
     # ---------------------------------------------------------------- finish
     if recipe.evaluation.at_end and recipe.evaluation.sets:
-        with clock.timing("evaluation"):
-            release_free_memory()
-            metrics = evals.run(accelerator, model.encoder)
-            metrics_log.write(state.step, metrics)
-            evals.update_best(accelerator, model.encoder, metrics, state, model.loss_fn)
+        metrics = evaluate()
     state.finished = True
     final = save()
     if preemption.should_stop(accelerator):
