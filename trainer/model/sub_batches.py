@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-Features = dict[str, torch.Tensor]
+from trainer.model.packing import Features, PackingSupport, Placement, Rows, pack, processed_tokens
 
 BUCKET_ROWS = 8
 """With shape buckets, sub-batches hold a multiple of this many texts (but the last)."""
@@ -45,7 +45,8 @@ class SubBatches:
     """A column of tokenised texts cut into length-sorted sub-batches."""
 
     chunks: list[Features]
-    """The sub-batches, longest texts first, each trimmed to its longest text."""
+    """The sub-batches, longest texts first, each trimmed to its longest text (or packed:
+    `trainer.model.packing`)."""
     order: torch.Tensor
     """(T,) the original row of each sorted row: concatenated chunks = rows[order]."""
     real_tokens: int
@@ -137,6 +138,54 @@ def trim(chunk: Features, buckets: bool = False) -> Features:
     return {k: v[:, first:last] if v.ndim == 2 and v.shape[1] == width else v for k, v in chunk.items()}  # (B,) extras stay
 
 
+@dataclass(frozen=True)
+class Packing:
+    """When and how sub-batches are packed (several texts per row, `trainer.model.packing`)."""
+
+    support: PackingSupport
+    """How the model takes packed rows."""
+    always: bool = False
+    """Pack every column; otherwise only where packing costs less than padded sub-batches."""
+    attention_cost: float = 0.0
+    """The cost of attention per token and per token of its row, relative to the rest of the
+    token's forward (about 1 / (6 x hidden size) for a transformer layer with a 4x MLP): how the
+    comparison prices wider rows."""
+
+
+def attention_cost(hidden_size: int) -> float:
+    """`Packing.attention_cost` of a transformer layer of `hidden_size` with a 4x MLP: per token,
+    attention takes 2 x hidden multiply-adds per token of its row (scores and mixing), the
+    projections and MLP 12 x hidden^2."""
+    return 1 / (6 * hidden_size)
+
+
+def packed_groups(
+    lengths: list[int], max_rows: int | None, max_tokens: int | None, buckets: bool
+) -> list[tuple[int, Placement]]:
+    """Consecutive runs of `lengths` (sorted longest first), each packed into rows as long as its
+    longest text (rounded up by `bucket_length` with `buckets`): (run size, placement) per run.
+    A run holds at most max_rows texts and max_tokens row tokens (but a single text)."""
+    groups, start, total = [], 0, len(lengths)
+    while start < total:
+        width = bucket_length(lengths[start]) if buckets else lengths[start]
+        rows, starts = Rows(width), []
+        for length in lengths[start:]:
+            if len(starts) == max_rows:
+                break
+            if max_tokens is not None and starts and rows.needs_new_row(length) and (len(rows.used) + 1) * width > max_tokens:
+                break
+            starts.append(rows.add(length))
+        groups.append((len(starts), Placement(width, len(rows.used), starts)))
+        start += len(starts)
+    return groups
+
+
+def plan_cost(shapes: list[tuple[int, int]], overhead_tokens: int, attention_cost: float) -> float:
+    """The price of forwards of (rows, width) each, in tokens: rows x width x (1 + width x
+    attention_cost) plus overhead_tokens per forward."""
+    return sum(rows * width * (1 + width * attention_cost) + overhead_tokens for rows, width in shapes)
+
+
 def sub_batches(
     features: Features,
     *,
@@ -145,27 +194,48 @@ def sub_batches(
     overhead_tokens: int = OVERHEAD_TOKENS,
     sort: bool = True,
     buckets: bool = False,
+    packing: Packing | None = None,
 ) -> SubBatches:
     """Sort the texts by length and cut them where it saves the most (see the module). With
     `sort` False, rows keep their order and are cut every `max_rows` (the unsorted reference).
-    `buckets`: shape buckets (see the module); only with `sort`."""
+    `buckets`: shape buckets (see the module); only with `sort`. `packing`: pack the runs of
+    texts into shared rows (where it is cheaper, unless `always`); only with `sort`."""
     mask = features["attention_mask"]
     lengths = mask.sum(dim=1)
     total = mask.shape[0]
+    groups = None
     if sort:
         order = torch.sort(lengths, descending=True, stable=True).indices
         sorted_lengths = lengths[order].tolist()
         sizes = best_cuts(sorted_lengths, max_rows, max_tokens, overhead_tokens, buckets)
+        if packing is not None and total:
+            groups = packed_groups(sorted_lengths, max_rows, max_tokens, buckets)
+            padded_shapes, start = [], 0
+            for size in sizes:
+                padded_shapes.append((size, bucket_length(sorted_lengths[start]) if buckets else sorted_lengths[start]))
+                start += size
+            packed_shapes = [(p.rows, p.width) for _, p in groups]
+            if not packing.always and plan_cost(packed_shapes, overhead_tokens, packing.attention_cost) >= plan_cost(
+                padded_shapes, overhead_tokens, packing.attention_cost
+            ):
+                groups = None
     else:
         order = torch.arange(total, device=mask.device)
         step = max_rows or total or 1
         sizes = [min(step, total - start) for start in range(0, total, step)]
     chunks, start = [], 0
-    for size in sizes:
-        index = order[start : start + size]
-        chunks.append(trim({k: v[index] for k, v in features.items()}, buckets and sort))
-        start += size
-    padded = sum(c["attention_mask"].numel() for c in chunks)
+    if groups is not None:
+        for size, placement in groups:
+            index = order[start : start + size]
+            chunk = {k: v[index] for k, v in features.items()}
+            chunks.append(pack(chunk, placement, packing.support.position_offset))
+            start += size
+    else:
+        for size in sizes:
+            index = order[start : start + size]
+            chunks.append(trim({k: v[index] for k, v in features.items()}, buckets and sort))
+            start += size
+    padded = sum(processed_tokens(c) for c in chunks)
     return SubBatches(chunks, order, int(lengths.sum()), padded)
 
 
@@ -179,9 +249,11 @@ class SubBatcher:
     tokens it processes: real ones and padded ones, for the padding efficiency the loop logs."""
 
     def __init__(
-        self, sort: bool = True, max_tokens: int | None = None, overhead_tokens: int = OVERHEAD_TOKENS, buckets: bool = True
+        self, sort: bool = True, max_tokens: int | None = None, overhead_tokens: int = OVERHEAD_TOKENS, buckets: bool = True,
+        packing: Packing | None = None,
     ) -> None:
         self.sort, self.max_tokens, self.overhead_tokens, self.buckets = sort, max_tokens, overhead_tokens, buckets
+        self.packing = packing
         self.real_tokens = self.padded_tokens = 0
         self.tokens_seen = 0
         """Real tokens embedded since this batcher was made (never reset)."""
@@ -194,6 +266,7 @@ class SubBatcher:
             overhead_tokens=self.overhead_tokens,
             sort=self.sort,
             buckets=self.buckets,
+            packing=self.packing,
         )
         self.real_tokens += batches.real_tokens
         self.padded_tokens += batches.padded_tokens
