@@ -44,11 +44,12 @@ CHANGEABLE_ON_RESUME = (
     "model.gradient_checkpointing",
     "model.recompute_activations",
     "training.grad_cache_chunk_size",
+    "training.packing",
     "data.train.*.path",
 )
 """Keys (and everything under them; `*` is any list index) that `--resume` may change: how long to
 train, how often to evaluate, save and log, and what does not change the result (gradient
-checkpointing, recomputed activations, the cached loss, the path to the same data: the checkpoint's data fingerprint
+checkpointing, recomputed activations, the cached loss, packing, the path to the same data: the checkpoint's data fingerprint
 refuses other data). With more steps, the learning-rate schedule is stretched to the new end."""
 
 _LOCATION = ("run_name", "checkpointing.output_dir")

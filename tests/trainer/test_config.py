@@ -100,6 +100,13 @@ def test_post_init_checks_are_reported_with_the_field(tmp_path):
         load_recipe(write(tmp_path, BASE + "loss:\n  - kind: infonce\n    temperature: 0\n"))
 
 
+def test_packing_always_needs_sorted_sub_batches(tmp_path):
+    path = write(tmp_path, BASE)
+    with pytest.raises(ValueError, match="'training.packing': packs length-sorted sub-batches: set sort_by_length: true"):
+        load_recipe(path, ["training.packing=always", "training.sort_by_length=false"])
+    assert load_recipe(path, ["training.sort_by_length=false"]).training.packing == "auto"  # auto: then off
+
+
 def test_overrides_set_nested_values_and_are_typed(tmp_path):
     path = write(tmp_path, BASE)
     recipe = load_recipe(path, ["training.max_steps=7", "optimizer.lr=1e-4", "data.train.0.path=other.csv"])

@@ -231,3 +231,17 @@ def test_loader_workers_default_to_none_on_a_cpu(tmp_path, tiny_model, pairs_fil
     encoder = Encoder.from_config(recipe.model)
     data = build_data(recipe, Accelerator(cpu=True), read_training_data(recipe.data.train, None), build_collator(recipe, encoder, {}))
     assert data.loader.num_workers == 0 and not data.loader.pin_memory
+
+
+def test_packed_training_runs_and_a_model_that_cannot_pack_is_told_at_start(tmp_path, tiny_model, pairs_file, tiny_beir, monkeypatch, capsys):
+    path = recipe_file(tmp_path, tiny_model, pairs_file, tiny_beir)
+    overrides = ["training.max_steps=3", "evaluation.sets=[]", "evaluation.metric_for_best=null"]
+    train(load_recipe(path, overrides + ["training.packing=always"]))
+    assert len(losses(tmp_path / "runs" / "tiny")) == 3
+    assert "packing: off" not in capsys.readouterr().out
+
+    monkeypatch.setattr(Encoder, "find_packing", lambda self: None)
+    with pytest.raises(RunError, match="training.packing always: .* does not give the same embeddings with packed rows"):
+        train(load_recipe(path, overrides + ["training.packing=always", "run_name=always"]))
+    train(load_recipe(path, overrides + ["run_name=auto"]))
+    assert "packing: off, " in capsys.readouterr().out
