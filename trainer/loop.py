@@ -689,10 +689,7 @@ def find_packing(accelerator: Accelerator, recipe: Recipe, encoder: Encoder) -> 
         return None
     support = encoder.find_packing()
     if support is None:
-        reason = (
-            f"{recipe.model.name_or_path} does not give the same embeddings with packed rows (it needs position_ids "
-            "and 4D attention masks; flash_attention_2 takes none)"
-        )
+        reason = f"{recipe.model.name_or_path}: {encoder.packing_refused}"
         if setting == "always":
             raise RunError(f"training.packing always: {reason}; set training.packing: auto or off")
         accelerator.print(f"packing: off, {reason}")

@@ -240,8 +240,8 @@ def test_packed_training_runs_and_a_model_that_cannot_pack_is_told_at_start(tmp_
     assert len(losses(tmp_path / "runs" / "tiny")) == 3
     assert "packing: off" not in capsys.readouterr().out
 
-    monkeypatch.setattr(Encoder, "find_packing", lambda self: None)
-    with pytest.raises(RunError, match="training.packing always: .* does not give the same embeddings with packed rows"):
+    monkeypatch.setattr("trainer.model.encoder.packing_support", lambda *args: (None, "it does not give the same embeddings"))
+    with pytest.raises(RunError, match="training.packing always: .*: it does not give the same embeddings; set training.packing"):
         train(load_recipe(path, overrides + ["training.packing=always", "run_name=always"]))
     train(load_recipe(path, overrides + ["run_name=auto"]))
     assert "packing: off, " in capsys.readouterr().out

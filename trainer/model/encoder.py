@@ -520,6 +520,8 @@ class Encoder(torch.nn.Module):
         self.recompute = ActivationRecompute(backbone) if config.recompute_activations else None
         self.packing: PackingSupport | None = None
         """How the backbone runs packed chunks (`find_packing`); None: it is given none."""
+        self.packing_refused = ""
+        """Why `find_packing` found no way to pack, when it did not."""
         if config.pooling == "latent_attention":  # a trained module (its weights: `load_pooling_weights`)
             from trainer.model.latent_attention import LatentAttention
 
@@ -577,14 +579,16 @@ class Encoder(torch.nn.Module):
             raise ModelError(f"model {self.config.name_or_path!r}: cannot load the latent-attention weights {path}: {exc}") from None
 
     def find_packing(self) -> PackingSupport | None:
-        """Whether, and how, the backbone runs packed chunks (`packing.packing_support`, a forward
-        of three short texts); sets `self.packing`."""
+        """Whether, and how, the backbone runs packed chunks (`packing.packing_support`: forwards
+        of three short texts); sets `self.packing`, and `self.packing_refused` to why not."""
 
         def embed(features: dict[str, torch.Tensor], support: PackingSupport | None) -> torch.Tensor:
             self.packing = support
             return self(features)
 
-        self.packing = packing_support(embed, self.tokenize(CHECK_TEXTS), self.backbone)
+        self.packing, self.packing_refused = packing_support(
+            embed, self.tokenize(CHECK_TEXTS), self.backbone, self.config.max_seq_length
+        )
         return self.packing
 
     @property

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -95,36 +96,44 @@ def place(lengths: list[int], width: int) -> Placement:
 def pack(chunk: Features, placement: Placement, position_offset: int = 0) -> Features:
     """The chunk's texts (N, L), right or left padded, packed into rows as `placement` says.
     Keeps `attention_mask` as each text's own mask (N, L'), now right-padded, for pooling and
-    counting; per-text extras (N,) stay as they are."""
+    counting; per-text extras (N,) stay as they are. Where every token goes is worked out on
+    the host from the mask (one transfer from the device) and sent back in one copy."""
     mask = chunk["attention_mask"].bool()
-    device = mask.device
-    lengths = mask.sum(dim=1)
-    longest = int(lengths.max()) if len(lengths) else 0
-    columns = torch.arange(longest, device=device)
+    device, (count, width) = mask.device, mask.shape
+    host = mask.cpu()
+    lengths = host.sum(dim=1)
+    first = torch.where(lengths > 0, host.long().argmax(dim=1), 0)  # each text's first column (left padding)
+    longest = int(lengths.max()) if count else 0
+    columns = torch.arange(longest)
     text_mask = columns.unsqueeze(0) < lengths.unsqueeze(1)  # (N, L')
-    starts = torch.tensor(placement.starts, device=device, dtype=torch.long)
-    index = torch.where(text_mask, starts.unsqueeze(1) + columns.unsqueeze(0), 0)
-    destination = index[text_mask]  # each real token's flat position, texts in order
+    starts = torch.tensor(placement.starts, dtype=torch.long)
+    index = torch.where(text_mask, starts.unsqueeze(1) + columns.unsqueeze(0), 0)  # (N, L') flat packed position
+    destination = index[text_mask]  # each real token's flat packed position, texts in order
     size = placement.rows * placement.width
-
-    def scatter(values: torch.Tensor, fill: int) -> torch.Tensor:
-        flat = torch.full((size,), fill, dtype=values.dtype, device=device)
-        return flat.index_copy_(0, destination, values).view(placement.rows, placement.width)
+    source = torch.full((size,), -1, dtype=torch.long)  # per packed position: its flat (N x L) source, -1: padding
+    source[destination] = (torch.arange(count).unsqueeze(1) * width + first.unsqueeze(1) + columns.unsqueeze(0))[text_mask]
+    positions = torch.zeros(size, dtype=torch.long)
+    positions[destination] = columns.expand_as(text_mask)[text_mask] + position_offset
+    segments = torch.full((size,), -1, dtype=torch.long)
+    segments[destination] = torch.arange(count).unsqueeze(1).expand_as(text_mask)[text_mask]
+    moved = torch.stack([source, positions, segments]).view(3, placement.rows, placement.width)
+    moved = moved.pin_memory() if device.type == "cuda" else moved
+    source, positions, segments = moved.to(device, non_blocking=True)
+    index, text_mask = (index.pin_memory(), text_mask.pin_memory()) if device.type == "cuda" else (index, text_mask)
+    real = source >= 0
 
     out: Features = {}
-    width = mask.shape[1]
     for key, value in chunk.items():
         if key == "attention_mask":
             continue
         if value.ndim == 2 and value.shape[1] == width:  # input_ids, token_type_ids, ...
-            out[PACKED + key] = scatter(value[mask], 0)
+            out[PACKED + key] = torch.where(real, value.reshape(-1)[source.clamp(min=0)], 0)
         else:
             out[key] = value
-    texts = torch.arange(len(lengths), device=device).unsqueeze(1).expand_as(text_mask)
-    out[PACKED + "position_ids"] = scatter(columns.expand_as(text_mask)[text_mask] + position_offset, 0)
-    out[SEGMENTS] = scatter(texts[text_mask], -1)
-    out[INDEX] = index
-    out["attention_mask"] = text_mask.to(chunk["attention_mask"].dtype)
+    out[PACKED + "position_ids"] = positions
+    out[SEGMENTS] = segments
+    out[INDEX] = index.to(device, non_blocking=True)
+    out["attention_mask"] = text_mask.to(device, non_blocking=True).to(chunk["attention_mask"].dtype)
     return out
 
 
@@ -164,36 +173,73 @@ CHECK_TEXTS = ["a short text", "a second text, a little longer than the first on
 """What `packing_support` embeds packed and padded (tokenised by the model's tokenizer)."""
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a model that limits some layers to one (Mistral, Gemma 3,
+    ModernBERT's local layers), else None. A 4D mask replaces the model's own, window included."""
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    if isinstance(window, int) and (window > 0 or any("sliding" in str(t) for t in layer_types)):
+        return window
+    return None
+
+
+@contextmanager
+def dropout_off(module: torch.nn.Module) -> Iterator[None]:
+    """Every dropout of `module` at 0 for a while (nn.Dropout modules and the attention
+    probability settings of transformers' attention modules), the module left in its mode."""
+    saved: list[tuple[object, str, float]] = []
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.modules.dropout._DropoutNd):
+            saved.append((sub, "p", sub.p))
+        for name in ("dropout_prob", "attention_dropout", "attn_dropout", "dropout_p"):
+            if isinstance(sub.__dict__.get(name), float):
+                saved.append((sub, name, sub.__dict__[name]))
+    for owner, name, _ in saved:
+        setattr(owner, name, 0.0)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
 def packing_support(
-    embed: Callable[[Features, PackingSupport | None], torch.Tensor], features: Features, backbone: torch.nn.Module
-) -> PackingSupport | None:
-    """How `backbone` runs packed rows, found by trying: the texts of `features` (CHECK_TEXTS
-    tokenised) embedded packed into one row must give their padded embeddings within rounding,
-    with a bidirectional mask or else a causal one (and positions from 0, or from RoBERTa's
-    padding id + 1); None when none does (the model ignores
-    position ids or 4D masks, or its attention kernel takes no such mask). `embed(features,
-    support)` runs the encoder with that support."""
-    implementation = getattr(getattr(backbone, "config", None), "_attn_implementation", None)
-    parameter = next(backbone.parameters())
-    features = {k: v.to(parameter.device) for k, v in features.items()}
+    embed: Callable[[Features, PackingSupport | None], torch.Tensor],
+    features: Features,
+    backbone: torch.nn.Module,
+    max_length: int,
+) -> tuple[PackingSupport | None, str]:
+    """How `backbone` runs packed rows, found by trying, or None and why not. The texts of
+    `features` (CHECK_TEXTS tokenised) embedded packed into one row must give their padded
+    embeddings within rounding, with a bidirectional mask or else a causal one (and positions
+    from 0, or from RoBERTa's padding id + 1), in training mode with gradients on and dropout at
+    0, as training runs them. Models with an attention window shorter than `max_length` are
+    refused without trying (the packed mask would drop the window). `embed(features, support)`
+    runs the encoder with that support."""
+    config = getattr(backbone, "config", None)
+    window = sliding_window(config)
+    if window is not None and window < max_length:
+        return None, f"its attention window ({window} tokens) is shorter than model.max_seq_length ({max_length})"
+    implementation = getattr(config, "_attn_implementation", None)
     padding_id = getattr(getattr(backbone, "embeddings", None), "padding_idx", None)
     offsets = [0] + ([padding_id + 1] if isinstance(padding_id, int) else [])  # RoBERTa's positions start there
-    placement = place(features["attention_mask"].sum(dim=1).tolist(), int(features["attention_mask"].sum()))
+    parameter = next(backbone.parameters())
     tolerance = 1e-4 if parameter.dtype in (torch.float32, torch.float64) else 3e-2
     was_training = backbone.training
-    backbone.eval()
+    backbone.train()
     try:
-        with torch.no_grad(), torch.autocast(parameter.device.type, enabled=False):
-            reference = embed(features, None).float()
+        with dropout_off(backbone), torch.enable_grad(), torch.autocast(parameter.device.type, enabled=False):
+            features = {k: v.to(parameter.device) for k, v in features.items()}
+            placement = place(features["attention_mask"].sum(dim=1).tolist(), int(features["attention_mask"].sum()))
+            reference = embed(features, None).detach().float()
             scale = reference.abs().max().clamp(min=1e-6)
             for causal, offset in itertools.product((False, True), offsets):
                 support = PackingSupport(causal, implementation == "eager", offset)
-                try:
-                    packed = embed(pack(features, placement, offset), support).float()
-                except (RuntimeError, ValueError, TypeError, IndexError):
-                    return None
+                packed = embed(pack(features, placement, offset), support).detach().float()
                 if packed.shape == reference.shape and (packed - reference).abs().max() / scale <= tolerance:
-                    return support
-        return None
+                    return support, ""
+        return None, "it does not give the same embeddings with packed rows (it needs position_ids and 4D attention masks)"
+    except Exception as exc:  # any model code may fail on inputs it does not take (flash_attention_2, sharded weights)
+        return None, f"it cannot run packed rows ({type(exc).__name__}: {str(exc)[:200]})"
     finally:
         backbone.train(was_training)

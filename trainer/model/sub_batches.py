@@ -167,7 +167,7 @@ def packed_groups(
     A run holds at most max_rows texts and max_tokens row tokens (but a single text)."""
     groups, start, total = [], 0, len(lengths)
     while start < total:
-        width = bucket_length(lengths[start]) if buckets else lengths[start]
+        width = max(1, bucket_length(lengths[start]) if buckets else lengths[start])  # texts of no tokens: rows of 1
         rows, starts = Rows(width), []
         for length in lengths[start:]:
             if len(starts) == max_rows:

@@ -120,7 +120,33 @@ def test_the_check_refuses_a_model_that_ignores_position_ids(tiny_model):
     encoder = load(tiny_model)
     forward = encoder.backbone.forward
     encoder.backbone.forward = lambda position_ids=None, **inputs: forward(**inputs)  # positions dropped
-    assert encoder.find_packing() is None
+    assert encoder.find_packing() is None and "does not give the same embeddings" in encoder.packing_refused
+
+
+def test_the_check_runs_the_model_as_training_does(tiny_model):
+    """In training mode (dropout at 0 for the check, and back afterwards): a model that drops
+    the position ids only while training is refused; one that fails is refused, not raised."""
+    encoder = load(tiny_model, attention_dropout=0.3).train()
+    backbone = encoder.backbone
+    forward = backbone.forward
+    backbone.forward = lambda position_ids=None, **inputs: forward(**inputs, **({} if backbone.training else {"position_ids": position_ids}))
+    assert encoder.find_packing() is None and encoder.training
+    assert {m.p for m in backbone.modules() if isinstance(m, torch.nn.Dropout)} == {0.1, 0.3}  # hidden, attention: back
+
+    def broken(**inputs):
+        raise NotImplementedError("no 4D masks here")
+
+    backbone.forward = broken
+    assert encoder.find_packing() is None and "NotImplementedError: no 4D masks here" in encoder.packing_refused
+
+
+def test_a_sliding_window_shorter_than_the_texts_is_refused(tmp_path):
+    folder = tiny_decoder(tmp_path / "qwen2")
+    encoder = load(folder, pooling="last_token")
+    encoder.backbone.config.sliding_window = 8  # max_seq_length 16: the packed mask would drop the window
+    assert encoder.find_packing() is None and "attention window (8 tokens)" in encoder.packing_refused
+    encoder.backbone.config.sliding_window = 16
+    assert encoder.find_packing() is not None
 
 
 @pytest.mark.parametrize("family", ["bert", "bert-eager", "qwen2-left", "qwen2-bidirectional"])
