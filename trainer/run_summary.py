@@ -16,6 +16,7 @@ import json
 import os
 import resource
 import socket
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -61,11 +62,23 @@ class RunClock:
         return {k: round(v, 3) for k, v in {**parts, "total": total}.items()}
 
 
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory. On Linux from /proc's VmHWM, which starts afresh when
+    the process starts a program: getrusage's ru_maxrss carries over the peak of the process
+    that started it (a training run launched from a 2 GB Python process reported at least 2 GB)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
 def peak_memory() -> dict[str, float | str]:
     """The process's peak memory: GPU memory allocated by PyTorch on a GPU, resident memory on a CPU."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return {"peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3), "peak_memory_kind": "gpu_allocated"}
-    return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3), "peak_memory_kind": "cpu_rss"}
+    return {"peak_memory_gb": round(peak_resident_bytes() / 2**30, 3), "peak_memory_kind": "cpu_rss"}
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

@@ -96,3 +96,22 @@ def test_runs_lists_each_run_with_its_status(tmp_path, tiny_model, pairs_file, t
     assert main(["runs", str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out
     assert "tiny/ndcg@10" in table and "2/2" in table and "2/9 logged" in table
+
+
+def test_a_run_started_by_a_large_process_reports_its_own_peak_memory():
+    """getrusage's ru_maxrss of a started program carries over its parent's peak (Linux), which
+    made small runs launched from a big Python process report the parent's memory."""
+    import subprocess
+    import sys
+
+    from trainer.run_summary import peak_resident_bytes
+
+    ballast = bytearray(768 * 2**20)
+    ballast[:: 4096] = b"\1" * len(ballast[:: 4096])  # touch every page: 768 MiB resident here
+    child = subprocess.run(
+        [sys.executable, "-c", "from trainer.run_summary import peak_resident_bytes; print(peak_resident_bytes())"],
+        capture_output=True, text=True, check=True,
+    )
+    assert peak_resident_bytes() >= 768 * 2**20
+    assert int(child.stdout) < 512 * 2**20  # the child imports torch: about 300 MB
+    del ballast

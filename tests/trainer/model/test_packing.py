@@ -7,33 +7,14 @@ import pytest
 import torch
 
 from conftest import assert_same, grads, tiny_decoder
-from trainer.config import InfoNCEConfig, LatentAttentionConfig, ModelConfig
+from test_sub_batches import BACKWARD, LOSS, TOLERANCE, WORDS, load, varied
+from trainer.config import LatentAttentionConfig
 from trainer.data.collate import Collator
 from trainer.data.examples import Example
-from trainer.losses import LossContext, build_loss
 from trainer.model.encoder import Encoder
 from trainer.model.packing import INDEX, PACKED, SEGMENTS, PackingSupport, Rows, pack, place, unpack
 from trainer.model.sub_batches import Packing, SubBatcher, attention_cost, bucket_length, packed_groups, sub_batches
 from trainer.step import cached_step, plain_step
-
-TOLERANCE = 1e-10  # float64
-LOSS = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)], LossContext(dim=32, normalized=True))
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-
-
-def varied(n: int, seed: int = 0, sizes=(1, 2, 3, 9, 14)) -> list[Example]:
-    rng = random.Random(seed)
-    text = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.choice(sizes)))  # noqa: E731
-    return [Example(text(), text(), (text(),)) for _ in range(n)]
-
-
-def BACKWARD(loss: torch.Tensor, **options) -> None:
-    loss.backward(**options)
-
-
-def load(folder, **options) -> Encoder:
-    torch.manual_seed(0)
-    return Encoder.from_config(ModelConfig(name_or_path=str(folder), max_seq_length=16, **options)).double().eval()
 
 
 def packed_split(encoder: Encoder, **options) -> SubBatcher:
