@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -31,7 +30,7 @@ def one_step(mode: str, batch_size: int, chunk_size: int, max_seq_length: int, d
     from trainer.config import BeirSource, InfoNCEConfig, ModelConfig
     from trainer.data.collate import Collator
     from trainer.data.readers import read_examples
-    from trainer.losses import build_loss
+    from trainer.losses import LossContext, build_loss
     from trainer.model.encoder import Encoder
     from trainer.step import cached_step, plain_step
 
@@ -43,7 +42,7 @@ def one_step(mode: str, batch_size: int, chunk_size: int, max_seq_length: int, d
     ).to(device)
     encoder.train()
     batch = Collator(encoder.tokenizer, max_seq_length)(examples).to(device)
-    loss_fn = build_loss([InfoNCEConfig(kind="infonce")])
+    loss_fn = build_loss([InfoNCEConfig(kind="infonce")], LossContext(dim=encoder.dim, normalized=True))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -57,7 +56,9 @@ def one_step(mode: str, batch_size: int, chunk_size: int, max_seq_length: int, d
     result = {"loss": loss.item(), "seconds": seconds}
     if device.startswith("cuda"):
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from trainer.run_summary import peak_resident_bytes  # VmHWM: this child's own peak, not its parent's
+
+    result["peak_rss_mib"] = peak_resident_bytes() / 2**20
     return result
 
 
