@@ -30,7 +30,7 @@ from trainer.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from trainer.config import OptimizerConfig, Recipe, ScheduleConfig
+from trainer.config import OptimizerConfig, Recipe, ScheduleConfig, TrainingConfig
 from trainer.data.collate import Collator, ContrastiveBatch, PairTexts, TextTokenizer
 from trainer.data import clusters
 from trainer.data.readers import read_training_data
@@ -681,15 +681,15 @@ def build_data(
     return TrainingData(examples, sampler, loader, steps_per_epoch, total_steps, shape)
 
 
-def find_packing(accelerator: Accelerator, recipe: Recipe, encoder: Encoder) -> Packing | None:
+def find_packing(accelerator: Accelerator, training: TrainingConfig, encoder: Encoder) -> Packing | None:
     """How the step packs texts (training.packing), after checking that the model runs packed
     rows correctly; says so when it cannot."""
-    setting = recipe.training.packing
-    if setting == "off" or not recipe.training.sort_by_length:
+    setting = training.packing
+    if setting == "off" or not training.sort_by_length:
         return None
     support = encoder.find_packing()
     if support is None:
-        reason = f"{recipe.model.name_or_path}: {encoder.packing_refused}"
+        reason = f"{encoder.config.name_or_path}: {encoder.packing_refused}"
         if setting == "always":
             raise RunError(f"training.packing always: {reason}; set training.packing: auto or off")
         accelerator.print(f"packing: off, {reason}")
@@ -710,7 +710,7 @@ def prepare_model(
     by Accelerate (the loss only when it has parameters: DDP syncs their gradients and
     `save_state` checkpoints them); frozen encoders are just moved to the device."""
     training = recipe.training
-    packing = find_packing(accelerator, recipe, encoder)  # before prepare: a forward of the whole model
+    packing = find_packing(accelerator, training, encoder)  # before prepare: a forward of the whole model
     loss_parameters = loss_fn.trainable_parameters()
     optimizer = build_optimizer(encoder, recipe.optimizer, loss_parameters)
     scheduler = build_schedule(optimizer, recipe.schedule, total_steps)
