@@ -456,13 +456,17 @@ def _train(recipe: Recipe, resume: bool, preemption: PreemptionWatch, record: Ru
                 logged = meter.flush(scheduler.get_last_lr()[0], model.loss_fn, state.nonfinite_steps)
                 metrics_log.write(state.step, logged)
                 shown = float("nan") if logged["loss"] is None else logged["loss"]
+                padding = logged.get("padding_efficiency")  # real tokens / tokens processed
                 if progress.disable:  # no bar (TQDM_DISABLE, another process): a line per interval instead
                     accelerator.print(
                         f"step {state.step}/{data.total_steps}: loss {shown:.4f}, lr {logged['lr']:.2e}, "
-                        f"{logged['pairs_per_s']:.1f} pairs/s"
+                        f"{logged['pairs_per_s']:.1f} pairs/s" + ("" if padding is None else f", padding efficiency {padding:.2f}")
                     )
                 else:
-                    progress.set_postfix(loss=f"{shown:.4f}", lr=f"{logged['lr']:.2e}", pairs_s=f"{logged['pairs_per_s']:.1f}")
+                    progress.set_postfix(
+                        loss=f"{shown:.4f}", lr=f"{logged['lr']:.2e}", pairs_s=f"{logged['pairs_per_s']:.1f}",
+                        **({} if padding is None else {"padding": f"{padding:.2f}"}),
+                    )
             done = state.step >= data.total_steps
             every = recipe.evaluation.every_steps
             if every and state.step % every == 0 and not done and recipe.evaluation.sets:
@@ -695,6 +699,7 @@ def find_packing(accelerator: Accelerator, training: TrainingConfig, encoder: En
         accelerator.print(f"packing: off, {reason}")
         return None
     hidden = getattr(encoder.backbone.config, "hidden_size", None) or encoder.dim
+    accelerator.print("packing: every column" if setting == "always" else "packing: a column's texts share rows where that is cheaper (auto)")
     return Packing(support, always=setting == "always", attention_cost=attention_cost(hidden))
 
 

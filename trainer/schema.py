@@ -109,9 +109,10 @@ class Builder:
                 spelled = [c for c in choices if isinstance(c, str) and c.lower() in YAML_BOOLEANS[value]]
                 value = spelled[0] if len(spelled) == 1 else value
             if value not in choices:
-                raise self.error(
-                    key, f"{value!r} is not one of {list(choices)}" + _suggest(str(value), map(str, choices))
-                )
+                shown = repr(value)
+                if isinstance(value, bool):  # the user wrote a word, not True/False
+                    shown = f"{'/'.join(YAML_BOOLEANS[value][:3])} (read by YAML as {value})"
+                raise self.error(key, f"{shown} is not one of {list(choices)}" + _suggest(str(value), map(str, choices)))
             return value
         if origin is list:
             (item_tp,) = get_args(tp)

@@ -70,8 +70,9 @@ def test_an_unquoted_no_is_the_choice_no_not_a_boolean(tmp_path):
     assert load_recipe(write(tmp_path, BASE + "training:\n  mixed_precision: no\n")).training.mixed_precision == "no"
     recipe = load_recipe(write(tmp_path, BASE), ["training.mixed_precision=no"])
     assert recipe.training.mixed_precision == "no"
-    with pytest.raises(ValueError, match="'model.pooling': True is not one of"):
+    with pytest.raises(ValueError, match=r"'model.pooling': yes/on/true \(read by YAML as True\) is not one of"):
         load_recipe(write(tmp_path, BASE.replace("some/model\n", "some/model\n  pooling: yes\n")))
+    assert load_recipe(write(tmp_path, BASE), ["training.packing=off"]).training.packing == "off"  # off: a boolean too
 
 
 def test_missing_required_field(tmp_path):

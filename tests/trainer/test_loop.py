@@ -202,6 +202,7 @@ def test_without_a_progress_bar_each_logging_interval_prints_a_line(tmp_path, ti
     for step, loss in zip((2, 4), logged):
         assert f"step {step}/4: loss {loss:.4f}, lr " in out
     assert "step 1/4" not in out and "step 3/4" not in out
+    assert out.count(" pairs/s, padding efficiency 0.") == 2
 
 
 def test_loader_workers_train_exactly_like_the_main_process(tmp_path, tiny_model, pairs_file, tiny_beir):
@@ -238,7 +239,8 @@ def test_packed_training_runs_and_a_model_that_cannot_pack_is_told_at_start(tmp_
     overrides = ["training.max_steps=3", "evaluation.sets=[]", "evaluation.metric_for_best=null"]
     train(load_recipe(path, overrides + ["training.packing=always"]))
     assert len(losses(tmp_path / "runs" / "tiny")) == 3
-    assert "packing: off" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "packing: every column" in out and "packing: off" not in out
 
     monkeypatch.setattr("trainer.model.encoder.packing_support", lambda *args: (None, "it does not give the same embeddings"))
     with pytest.raises(RunError, match="training.packing always: .*: it does not give the same embeddings; set training.packing"):
