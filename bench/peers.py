@@ -4,6 +4,7 @@
     python bench/peers.py --data scifact --steps 6 --contestants embtrain st-mnrl bare
     python bench/peers.py --negatives 1 --contestants embtrain st-mnrl bare   # with a hard negative
     python bench/peers.py --batch-size 1024 --contestants embtrain-cached embtrain --steps 3
+    python bench/peers.py --device cuda --peak-tflops-fp32 67 --peak-tflops-bf16 989   # an H100 SXM
 
 Every contestant trains its own copy of the same model (the packaged all-MiniLM-L6-v2, in
 training mode, so with its dropout) with fused AdamW (embtrain's optimizer, and the default of
@@ -26,7 +27,9 @@ optimiser step.
   normalise, cross-entropy over the similarity matrix, backward, step; nothing else.
 
 Reported per contestant: median seconds per step and pairs per second after --warmup steps,
-the ratio to st-mnrl and to bare, and padding efficiency (real tokens / tokens the transformer
+real tokens per second, model TFLOP/s (the FLOPs the texts need without padding, forward and
+backward: `model_flops`) and model FLOPs utilisation when the device's peak is given
+(--peak-tflops-fp32 / --peak-tflops-bf16), the ratio to st-mnrl and to bare, and padding efficiency (real tokens / tokens the transformer
 processed: for sentence-transformers, its padded columns). Peak resident memory comes from a fresh process per
 contestant running --memory-steps steps alone (skip it with --no-memory). The allocator
 setting embtrain applies at start is process-wide, so here every contestant shares it
@@ -90,21 +93,61 @@ def batches(rows: list, batch_size: int, count: int) -> list[list]:
 
 class TokenCounter:
     """Real and processed tokens of the forwards a contestant runs (counted from what it feeds
-    the transformer: its own tokenisation, or embtrain's sub-batches)."""
+    the transformer: its own tokenisation, or embtrain's sub-batches), and the model FLOPs its
+    texts need (`model_flops`: the same for every contestant on the same batch)."""
 
     def __init__(self) -> None:
         self.real = self.processed = 0
+        self.flops = 0.0
 
     def add(self, features: dict) -> None:
         mask = features["attention_mask"]
         self.real += int(mask.sum())
         self.processed += mask.numel()
+        self.add_flops(mask)
+
+    def add_flops(self, mask) -> None:
+        self.flops += model_flops(mask.sum(dim=1).tolist())
+
+
+_SHAPE: dict[str, int] = {}
+
+
+def model_flops(lengths: list[int]) -> float:
+    """FLOPs of a training step (forward and backward: 3x the forward) over texts of these
+    lengths, without padding: per text of n tokens, 2 x (non-embedding parameters) x n for the
+    matrix products and 4 x layers x hidden x n^2 for attention's scores and mixing, per forward.
+    What model FLOPs utilisation (MFU) divides by the device's peak."""
+    if not _SHAPE:
+        from transformers import AutoConfig, AutoModel
+
+        from trainer.model.encoder import locate_model
+
+        import torch
+
+        config = AutoConfig.from_pretrained(locate_model(MODEL))
+        with torch.device("meta"):  # shapes only
+            model = AutoModel.from_config(config)
+        _SHAPE.update(
+            parameters=sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n and "pooler" not in n),
+            layers=config.num_hidden_layers, hidden=config.hidden_size,
+        )
+    forward = sum(2 * _SHAPE["parameters"] * n + 4 * _SHAPE["layers"] * _SHAPE["hidden"] * n * n for n in lengths)
+    return 3.0 * forward
+
+
+DEVICE = "cpu"
+"""Where the contestants run (--device)."""
 
 
 def autocast(enabled: bool):
     import torch
 
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16, enabled=enabled)
+
+
+def to_device(features: dict) -> dict:
+    return {k: v.to(DEVICE) if hasattr(v, "to") else v for k, v in features.items()}
 
 
 class Contestant:
@@ -137,6 +180,7 @@ class Embtrain(Contestant):
         if support is not None:  # as the trainer does with its default training.packing: auto
             packing = Packing(support, attention_cost=attention_cost(self.encoder.backbone.config.hidden_size))
         self.split = SubBatcher(packing=packing)
+        self.encoder.to(DEVICE)
         self.optimizer = build_optimizer(self.encoder, OptimizerConfig(lr=2e-5))  # the trainer's own (fused AdamW)
         self.counter = TokenCounter()
 
@@ -146,7 +190,9 @@ class Embtrain(Contestant):
         from trainer.data.examples import Example
         from trainer.step import cached_step, plain_step
 
-        batch = self.collate([Example(q, p, tuple(n)) for q, p, n in rows])
+        batch = self.collate([Example(q, p, tuple(n)) for q, p, n in rows]).to(DEVICE)
+        self.counter.add_flops(batch.queries["attention_mask"])
+        self.counter.add_flops(batch.documents["attention_mask"])
         backward = lambda loss, **options: loss.backward(**options)  # noqa: E731
         with autocast(self.bf16):
             if self.chunk_size is None:
@@ -170,7 +216,7 @@ class SentenceTransformers(Contestant):
         from trainer.model.encoder import locate_model
 
         self.name, self.bf16 = name, name.endswith("-bf16")
-        self.model = SentenceTransformer(locate_model(MODEL), device="cpu")
+        self.model = SentenceTransformer(locate_model(MODEL), device=DEVICE)
         self.model.max_seq_length = max_seq_length
         self.model.train()  # it loads in eval mode; its trainer switches to training mode
         if chunk_size is None:
@@ -183,7 +229,7 @@ class SentenceTransformers(Contestant):
 
     def step(self, rows: list) -> float:
         columns = [[r[0] for r in rows], [r[1] for r in rows]] + [[r[2][k] for r in rows] for k in range(len(rows[0][2]))]
-        features = [self.preprocess(column) for column in columns]
+        features = [to_device(self.preprocess(column)) for column in columns]
         for column in features:  # each column is one padded forward (MNRL), or cut into mini-batches (CMNRL)
             self.counter.add(column)
         with autocast(self.bf16):
@@ -206,14 +252,14 @@ class Bare(Contestant):
         self.name, self.max_seq_length = name, max_seq_length
         folder = locate_model(MODEL)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder, add_pooling_layer=False).train()
+        self.model = AutoModel.from_pretrained(folder, add_pooling_layer=False).train().to(DEVICE)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=2e-5, fused=True)  # transformers' default on torch >= 2.8
         self.counter = TokenCounter()
 
     def embed(self, texts: list[str]):
         import torch.nn.functional as F
 
-        features = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt")
+        features = to_device(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"))
         self.counter.add(features)
         states = self.model(**features).last_hidden_state
         mask = features["attention_mask"].unsqueeze(-1).to(states.dtype)
@@ -226,7 +272,7 @@ class Bare(Contestant):
         query = self.embed([r[0] for r in rows])
         documents = self.embed([r[1] for r in rows] + [n for r in rows for n in r[2]])
         scores = query @ documents.T * 20.0
-        loss = F.cross_entropy(scores, torch.arange(len(rows)))
+        loss = F.cross_entropy(scores, torch.arange(len(rows), device=scores.device))
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -248,18 +294,22 @@ def memory_child(args: argparse.Namespace, data: str, name: str) -> None:
     contestant = build(name, args.max_seq_length, args.chunk_size)
     for batch in batches(rows, args.batch_size, args.memory_steps):
         contestant.step(batch)
-    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
+    import torch
+
+    gpu = {"peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20} if DEVICE.startswith("cuda") else {}
+    print(json.dumps({"peak_rss_mib": peak_rss_mib(), **gpu}))
 
 
-def peak_memory(args: argparse.Namespace, data: str, name: str) -> float | None:
+def peak_memory(args: argparse.Namespace, data: str, name: str) -> dict:
     command = [sys.executable, __file__, "--child", f"{data}:{name}", "--batch-size", str(args.batch_size),
                "--max-seq-length", str(args.max_seq_length), "--negatives", str(args.negatives),
-               "--chunk-size", str(args.chunk_size), "--memory-steps", str(args.memory_steps), "--allocator", args.allocator]
+               "--chunk-size", str(args.chunk_size), "--memory-steps", str(args.memory_steps), "--allocator", args.allocator,
+               "--device", DEVICE]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"  {name}: memory run failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+        return {}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def race(args: argparse.Namespace, data: str) -> dict[str, dict]:
@@ -278,12 +328,18 @@ def race(args: argparse.Namespace, data: str) -> dict[str, dict]:
               + ", ".join(f"{c.name} {times[c.name][-1]:.2f}s" if times[c.name] and index >= args.warmup else c.name for c in contestants),
               file=sys.stderr)
     results = {}
+    steps = args.warmup + args.steps
     for contestant in contestants:
         seconds = statistics.median(times[contestant.name])
         counter = contestant.counter
+        tflops = counter.flops / steps / seconds / 1e12
+        peak = args.peak_tflops_bf16 if "-bf16" in contestant.name else args.peak_tflops_fp32
         results[contestant.name] = {
             "seconds_per_step": seconds,
             "pairs_per_s": args.batch_size / seconds,
+            "tokens_per_s": counter.real / steps / seconds,
+            "model_tflops_per_s": tflops,
+            "mfu": tflops / peak if peak else None,
             "padding_efficiency": counter.real / counter.processed if counter.processed else None,
             "first_loss": losses[contestant.name][0],
             "last_loss": losses[contestant.name][-1],
@@ -293,7 +349,7 @@ def race(args: argparse.Namespace, data: str) -> dict[str, dict]:
             if peer in results and peer != name:
                 result[f"speed_vs_{peer}"] = results[peer]["seconds_per_step"] / result["seconds_per_step"]
         if not args.no_memory:
-            result["peak_rss_mib"] = peak_memory(args, data, name)
+            result.update(peak_memory(args, data, name))
     return results
 
 
@@ -308,24 +364,33 @@ def header(args: argparse.Namespace) -> dict:
     except (OSError, StopIteration):
         pass
     return {
-        "machine": f"{cpu}, {torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "machine": f"{cpu}, {torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+        + f"; device {DEVICE}",
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"sentence-transformers {sentence_transformers.__version__}",
         "settings": f"model {MODEL}, batch {args.batch_size}, {args.negatives} hard negatives, max_seq_length "
         f"{args.max_seq_length}, chunk {args.chunk_size}, fp32 (but -bf16), dropout on (but -attn0, -bf16), {args.warmup} warm-up + {args.steps} steps, "
-        f"allocator {args.allocator}",
+        f"allocator {args.allocator}, peak TFLOP/s for MFU: fp32 {args.peak_tflops_fp32 or 'not given'}, "
+        f"bf16 {args.peak_tflops_bf16 or 'not given'}",
     }
 
 
 def table(data: str, results: dict[str, dict]) -> str:
-    lines = [f"\n{data}", "| contestant | s/step | pairs/s | vs st-mnrl | vs bare | padding eff. | peak RSS |", "|---|---|---|---|---|---|---|"]
+    gpu = DEVICE.startswith("cuda")
+    lines = [
+        f"\n{data}",
+        "| contestant | s/step | pairs/s | tokens/s | model TFLOP/s | MFU | vs st-mnrl | vs bare | padding eff. | "
+        + ("peak GPU memory |" if gpu else "peak RSS |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         fmt = lambda value, spec: "" if value is None else format(value, spec)  # noqa: E731
-        rss = r.get("peak_rss_mib")
+        memory = r.get("peak_gpu_mib" if gpu else "peak_rss_mib")
         lines.append(
-            f"| {name} | {r['seconds_per_step']:.2f} | {r['pairs_per_s']:.1f} | {fmt(r.get('speed_vs_st-mnrl'), '.2f')} | "
+            f"| {name} | {r['seconds_per_step']:.2f} | {r['pairs_per_s']:.1f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['model_tflops_per_s']:.3f} | {fmt(r['mfu'], '.1%')} | {fmt(r.get('speed_vs_st-mnrl'), '.2f')} | "
             f"{fmt(r.get('speed_vs_bare'), '.2f')} | {fmt(r['padding_efficiency'], '.3f')} | "
-            f"{'' if rss is None else f'{rss / 1024:.1f} GB'} |"
+            f"{'' if memory is None else f'{memory / 1024:.1f} GB'} |"
         )
     return "\n".join(lines)
 
@@ -344,11 +409,16 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
     parser.add_argument("--allocator", choices=["training", "default"], default="training",
                         help="training: the allocator settings embtrain applies at start; default: glibc's")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N]; default: cuda when there is a GPU")
+    parser.add_argument("--peak-tflops-fp32", type=float, help="the device's float32 peak, for MFU (H100 SXM: 67)")
+    parser.add_argument("--peak-tflops-bf16", type=float, help="the device's dense bf16 peak, for MFU (H100 SXM: 989)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
 
+    global DEVICE
+    DEVICE = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.allocator == "training":
         from trainer.allocator import configure_allocator
 

@@ -17,12 +17,15 @@ def run(*command: str) -> subprocess.CompletedProcess:
 def test_peers_steps_every_kind_of_contestant_on_short_texts(tmp_path):
     out = tmp_path / "peers.json"
     run("bench/peers.py", "--data", "snli", "--batch-size", "8", "--max-seq-length", "32", "--steps", "1", "--warmup", "0",
-        "--memory-steps", "1", "--chunk-size", "4", "--json", str(out),
+        "--memory-steps", "1", "--chunk-size", "4", "--json", str(out), "--peak-tflops-fp32", "0.5",
         "--contestants", "embtrain", "embtrain-nopack", "embtrain-cached", "st-mnrl", "bare")
     results = json.loads(out.read_text())["results"]["snli"]
     assert set(results) == {"embtrain", "embtrain-nopack", "embtrain-cached", "st-mnrl", "bare"}
     for name, result in results.items():
-        assert result["seconds_per_step"] > 0 and result["peak_rss_mib"] > 0, name
+        assert result["seconds_per_step"] > 0 and result["peak_rss_mib"] > 0 and result["tokens_per_s"] > 0, name
+        assert result["mfu"] == result["model_tflops_per_s"] / 0.5  # --peak-tflops-fp32 0.5
+    flops = {name: r["model_tflops_per_s"] * r["seconds_per_step"] for name, r in results.items()}
+    assert max(flops.values()) < 1.0001 * min(flops.values())  # the same texts: the same model FLOPs
     assert results["embtrain"]["padding_efficiency"] > results["embtrain-nopack"]["padding_efficiency"]  # packed
 
 
