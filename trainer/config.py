@@ -493,7 +493,7 @@ class TrainingConfig:
     only to itself, with its own position ids), so that they run with almost no padding in few
     large matrix products; the loss and gradients are those of padded sub-batches. `auto`: a
     column is packed where that costs less than padded sub-batches (short texts: SNLI triplets
-    1.26x faster per step on a CPU; long documents stay padded), if the model runs packed rows
+    about 1.3x faster per step on a CPU; long documents stay padded), if the model runs packed rows
     correctly, which is checked at start on three short texts (BERT-like and decoder models do;
     flash_attention_2 does not). `always`: pack every column, and stop at start if the model
     cannot. `off`: padded sub-batches only."""
