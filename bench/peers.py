@@ -163,12 +163,12 @@ class Contestant:
 
 class Embtrain(Contestant):
     def __init__(self, name: str, max_seq_length: int, chunk_size: int | None) -> None:
-        from trainer.config import InfoNCEConfig, ModelConfig, OptimizerConfig
+        from trainer.config import InfoNCEConfig, ModelConfig, OptimizerConfig, TrainingConfig
         from trainer.data.collate import Collator
-        from trainer.loop import build_optimizer
+        from trainer.loop import build_optimizer, find_packing
         from trainer.losses import LossContext, build_loss
         from trainer.model.encoder import Encoder
-        from trainer.model.sub_batches import Packing, SubBatcher, attention_cost
+        from trainer.model.sub_batches import SubBatcher
 
         self.name, self.chunk_size = name, chunk_size
         attention_dropout = 0.0 if name in ("embtrain-attn0", "embtrain-bf16", "embtrain-bf16-keep") else None
@@ -178,10 +178,8 @@ class Embtrain(Contestant):
         self.encoder = Encoder.from_config(config).train()
         self.collate = Collator(self.encoder.tokenizer, max_seq_length)
         self.loss = build_loss([InfoNCEConfig(kind="infonce", temperature=0.05)], LossContext(dim=self.encoder.dim, normalized=True))
-        packing, support = None, None if name == "embtrain-nopack" else self.encoder.find_packing()
-        if support is not None:  # as the trainer does with its default training.packing: auto
-            packing = Packing(support, attention_cost=attention_cost(self.encoder.backbone.config.hidden_size))
-        self.split = SubBatcher(packing=packing)
+        training = TrainingConfig(packing="off" if name == "embtrain-nopack" else "auto")  # auto: the trainer's default
+        self.split = SubBatcher(packing=find_packing(training, self.encoder, say=lambda line: None))
         self.encoder.to(DEVICE)
         self.optimizer = build_optimizer(self.encoder, OptimizerConfig(lr=2e-5))  # the trainer's own (fused AdamW)
         self.counter = TokenCounter()

@@ -685,9 +685,9 @@ def build_data(
     return TrainingData(examples, sampler, loader, steps_per_epoch, total_steps, shape)
 
 
-def find_packing(accelerator: Accelerator, training: TrainingConfig, encoder: Encoder) -> Packing | None:
+def find_packing(training: TrainingConfig, encoder: Encoder, say: Callable[[str], None] = print) -> Packing | None:
     """How the step packs texts (training.packing), after checking that the model runs packed
-    rows correctly; says so when it cannot."""
+    rows correctly; `say`s which, or why it cannot."""
     setting = training.packing
     if setting == "off" or not training.sort_by_length:
         return None
@@ -696,10 +696,10 @@ def find_packing(accelerator: Accelerator, training: TrainingConfig, encoder: En
         reason = f"{encoder.config.name_or_path}: {encoder.packing_refused}"
         if setting == "always":
             raise RunError(f"training.packing always: {reason}; set training.packing: auto or off")
-        accelerator.print(f"packing: off, {reason}")
+        say(f"packing: off, {reason}")
         return None
     hidden = getattr(encoder.backbone.config, "hidden_size", None) or encoder.dim
-    accelerator.print("packing: every column" if setting == "always" else "packing: a column's texts share rows where that is cheaper (auto)")
+    say("packing: every column" if setting == "always" else "packing: a column's texts share rows where that is cheaper (auto)")
     return Packing(support, always=setting == "always", attention_cost=attention_cost(hidden))
 
 
@@ -715,7 +715,7 @@ def prepare_model(
     by Accelerate (the loss only when it has parameters: DDP syncs their gradients and
     `save_state` checkpoints them); frozen encoders are just moved to the device."""
     training = recipe.training
-    packing = find_packing(accelerator, training, encoder)  # before prepare: a forward of the whole model
+    packing = find_packing(training, encoder, accelerator.print)  # before prepare: a forward of the whole model
     loss_parameters = loss_fn.trainable_parameters()
     optimizer = build_optimizer(encoder, recipe.optimizer, loss_parameters)
     scheduler = build_schedule(optimizer, recipe.schedule, total_steps)

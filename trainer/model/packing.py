@@ -97,7 +97,8 @@ def pack(chunk: Features, placement: Placement, position_offset: int = 0) -> Fea
     """The chunk's texts (N, L), right or left padded, packed into rows as `placement` says.
     Keeps `attention_mask` as each text's own mask (N, L'), now right-padded, for pooling and
     counting; per-text extras (N,) stay as they are. Where every token goes is worked out on
-    the host from the mask (one transfer from the device) and sent back in one copy."""
+    the host from the mask (one transfer from the device) and sent back without waiting
+    (pinned, non-blocking copies on a GPU)."""
     mask = chunk["attention_mask"].bool()
     device, (count, width) = mask.device, mask.shape
     host = mask.cpu()

@@ -159,6 +159,11 @@ def attention_cost(hidden_size: int) -> float:
     return 1 / (6 * hidden_size)
 
 
+def run_width(longest: int, buckets: bool) -> int:
+    """The padded length of a run whose longest text has `longest` tokens (its shape bucket)."""
+    return bucket_length(longest) if buckets else longest
+
+
 def packed_groups(
     lengths: list[int], max_rows: int | None, max_tokens: int | None, buckets: bool
 ) -> list[tuple[int, Placement]]:
@@ -167,7 +172,7 @@ def packed_groups(
     A run holds at most max_rows texts and max_tokens row tokens (but a single text)."""
     groups, start, total = [], 0, len(lengths)
     while start < total:
-        width = max(1, bucket_length(lengths[start]) if buckets else lengths[start])  # texts of no tokens: rows of 1
+        width = max(1, run_width(lengths[start], buckets))  # texts of no tokens: rows of 1
         rows, starts = Rows(width), []
         for length in lengths[start:]:
             if len(starts) == max_rows:
@@ -184,6 +189,26 @@ def plan_cost(shapes: list[tuple[int, int]], overhead_tokens: int, attention_cos
     """The price of forwards of (rows, width) each, in tokens: rows x width x (1 + width x
     attention_cost) plus overhead_tokens per forward."""
     return sum(rows * width * (1 + width * attention_cost) + overhead_tokens for rows, width in shapes)
+
+
+def choose_plan(
+    lengths: list[int], max_rows: int | None, max_tokens: int | None, overhead_tokens: int, buckets: bool,
+    packing: Packing | None,
+) -> list[tuple[int, Placement | None]]:
+    """How to run a column of texts of `lengths` (sorted longest first): runs of (texts,
+    placement), each packed into rows by its placement, or padded (None) as `best_cuts` cuts them;
+    packed where `packing` says so (always, or where `plan_cost` prices it lower)."""
+    groups = packed_groups(lengths, max_rows, max_tokens, buckets) if packing is not None and lengths else None
+    if groups is not None and packing.always:
+        return groups
+    sizes = best_cuts(lengths, max_rows, max_tokens, overhead_tokens, buckets)
+    if groups is not None:
+        starts = np.cumsum([0] + sizes[:-1])
+        padded = [(size, run_width(lengths[start], buckets)) for size, start in zip(sizes, starts)]
+        packed = [(placement.rows, placement.width) for _, placement in groups]
+        if plan_cost(packed, overhead_tokens, packing.attention_cost) < plan_cost(padded, overhead_tokens, packing.attention_cost):
+            return groups
+    return [(size, None) for size in sizes]
 
 
 def sub_batches(
@@ -203,38 +228,20 @@ def sub_batches(
     mask = features["attention_mask"]
     lengths = mask.sum(dim=1)
     total = mask.shape[0]
-    groups = None
+    plan: list[tuple[int, Placement | None]]  # (texts, where they go in packed rows; None: a padded sub-batch)
     if sort:
         order = torch.sort(lengths, descending=True, stable=True).indices
         sorted_lengths = lengths[order].tolist()
-        sizes = best_cuts(sorted_lengths, max_rows, max_tokens, overhead_tokens, buckets)
-        if packing is not None and total:
-            groups = packed_groups(sorted_lengths, max_rows, max_tokens, buckets)
-            padded_shapes, start = [], 0
-            for size in sizes:
-                padded_shapes.append((size, bucket_length(sorted_lengths[start]) if buckets else sorted_lengths[start]))
-                start += size
-            packed_shapes = [(p.rows, p.width) for _, p in groups]
-            if not packing.always and plan_cost(packed_shapes, overhead_tokens, packing.attention_cost) >= plan_cost(
-                padded_shapes, overhead_tokens, packing.attention_cost
-            ):
-                groups = None
+        plan = choose_plan(sorted_lengths, max_rows, max_tokens, overhead_tokens, buckets, packing)
     else:
         order = torch.arange(total, device=mask.device)
         step = max_rows or total or 1
-        sizes = [min(step, total - start) for start in range(0, total, step)]
+        plan = [(min(step, total - start), None) for start in range(0, total, step)]
     chunks, start = [], 0
-    if groups is not None:
-        for size, placement in groups:
-            index = order[start : start + size]
-            chunk = {k: v[index] for k, v in features.items()}
-            chunks.append(pack(chunk, placement, packing.support.position_offset))
-            start += size
-    else:
-        for size in sizes:
-            index = order[start : start + size]
-            chunks.append(trim({k: v[index] for k, v in features.items()}, buckets and sort))
-            start += size
+    for size, placement in plan:
+        chunk = {k: v[order[start : start + size]] for k, v in features.items()}
+        chunks.append(trim(chunk, buckets and sort) if placement is None else pack(chunk, placement, packing.support.position_offset))
+        start += size
     padded = sum(processed_tokens(c) for c in chunks)
     return SubBatches(chunks, order, int(lengths.sum()), padded)
 
