@@ -569,19 +569,20 @@ def build_accelerator(recipe: Recipe) -> Accelerator:
 
 def restore(accelerator: Accelerator, folder, data: TrainingData, scheduler, model: Model) -> TrainState | None:
     """The state of the newest checkpoint, everything restored from it, metrics after it dropped
-    and recipe changes recorded; None when that run is already finished."""
+    and recipe changes recorded; None when that run is already finished (nothing is recorded:
+    no step runs under the changed settings)."""
     run_dir = folder.path
     state = resume_from(accelerator, run_dir, data.shape, model.encoder if model.trainable_only_checkpoints else None)
     scheduler.load_state_dict(state.scheduler)
-    if accelerator.is_main_process:
-        truncate_metrics(run_dir / METRICS_FILE, state.step)
-    record_changes(folder, state.step, accelerator)
     if state.finished and state.step >= data.total_steps:
         accelerator.print(
             f"{run_dir} is already finished at step {state.step} of {data.total_steps}; nothing to do "
             "(raise training.max_steps or training.epochs to train further)"
         )
         return None
+    if accelerator.is_main_process:
+        truncate_metrics(run_dir / METRICS_FILE, state.step)
+    record_changes(folder, state.step, accelerator)
     state.finished = False
     return state
 

@@ -38,9 +38,12 @@ def test_resume_of_a_finished_run_says_so_and_exits_0(tmp_path, tiny_model, pair
     run_dir = tmp_path / "runs" / "r"
     before = (run_dir / "step_4" / "model" / "model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
-    assert main(["train", str(recipe), "--resume"]) == 0
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    assert main(["train", str(recipe), "--resume", "logging.log_every_steps=2"]) == 0
     assert "is already finished at step 4 of 4; nothing to do" in capsys.readouterr().out
     assert (run_dir / "step_4" / "model" / "model.safetensors").stat().st_mtime_ns == before
+    assert not (run_dir / "recipe_changes.jsonl").exists()  # no step ran under the changed setting
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
 
 
 def test_resume_refuses_run_defining_changes_and_records_allowed_ones(tmp_path, tiny_model, pairs_file, capsys):
