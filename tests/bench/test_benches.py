@@ -18,9 +18,12 @@ def test_peers_steps_every_kind_of_contestant_on_short_texts(tmp_path):
     out = tmp_path / "peers.json"
     run("bench/peers.py", "--data", "snli", "--batch-size", "8", "--max-seq-length", "32", "--steps", "1", "--warmup", "0",
         "--memory-steps", "1", "--chunk-size", "4", "--json", str(out), "--peak-tflops-fp32", "0.5",
-        "--contestants", "embtrain", "embtrain-nopack", "embtrain-cached", "st-mnrl", "bare")
-    results = json.loads(out.read_text())["results"]["snli"]
-    assert set(results) == {"embtrain", "embtrain-nopack", "embtrain-cached", "st-mnrl", "bare"}
+        "--measure-peak", "--contestants", "embtrain", "embtrain-dropout", "embtrain-nopack", "embtrain-cached", "st-mnrl", "bare")
+    report = json.loads(out.read_text())
+    results = report["results"]["snli"]
+    assert set(results) == {"embtrain", "embtrain-dropout", "embtrain-nopack", "embtrain-cached", "st-mnrl", "bare"}
+    bf16_peak = float(report["settings"].split("bf16 ")[-1])  # measured: no bf16 peak was given
+    assert "measured" in report["settings"] and "fp32 0.5," in report["settings"] and bf16_peak > 0
     for name, result in results.items():
         assert result["seconds_per_step"] > 0 and result["peak_rss_mib"] > 0 and result["tokens_per_s"] > 0, name
         assert result["mfu"] == result["model_tflops_per_s"] / 0.5  # --peak-tflops-fp32 0.5

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from trainer.checkpoint import model_dir
 from trainer.errors import RunError
-from trainer.model.encoder import ENCODER_FILE, Encoder, ModelError, saved_model_config
+from trainer.model.encoder import ENCODER_FILE, Encoder, ModelError, own_dropouts, saved_model_config
 from trainer.model.lora import is_lora, merged, save_adapter
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -188,11 +188,12 @@ def write_folder(
     hidden = encoder.backbone.config.hidden_size
     truncate_dim = truncate_dim or config.embedding_dim
     backbone = encoder.backbone.to(DTYPES[dtype])
-    if is_lora(backbone):  # --keep-adapter: the adapter, loaded onto its base by sentence-transformers and peft
-        save_adapter(backbone, out, None, with_config=False)
-        backbone = backbone.get_base_model()
-    else:
-        backbone.save_pretrained(out, safe_serialization=True)
+    with own_dropouts(backbone):  # the model's own dropouts in config.json, not the recipe's
+        if is_lora(backbone):  # --keep-adapter: the adapter, loaded onto its base by sentence-transformers and peft
+            save_adapter(backbone, out, None, with_config=False)
+            backbone = backbone.get_base_model()
+        else:
+            backbone.save_pretrained(out, safe_serialization=True)
     encoder.tokenizer.save_pretrained(out)
     st_config: dict = {"max_seq_length": config.max_seq_length, "do_lower_case": False}
     if "add_pooling_layer" in inspect.signature(type(backbone).__init__).parameters:

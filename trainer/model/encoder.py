@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 import json
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -349,24 +349,53 @@ DROPOUT_FIELDS = {
 """Where model configs keep each dropout (`model.attention_dropout`, `model.hidden_dropout`)."""
 
 
-def dropout_settings(path: str, config: ModelConfig) -> dict[str, float]:
-    """The backbone config fields the recipe's dropouts set, e.g. {'attention_probs_dropout_prob': 0.0}."""
+OWN_DROPOUTS = "embtrain_own_dropouts"
+"""Attribute of a loaded backbone: the model's own values of the config fields the recipe's
+dropouts changed, written back into config.json when it is saved (`own_dropouts`)."""
+
+
+def dropout_settings(path: str, config: ModelConfig) -> tuple[dict[str, float], dict[str, float]]:
+    """The backbone config fields the recipe's dropouts set, e.g. {'attention_probs_dropout_prob': 0.0},
+    and the model's own values of those fields ({'attention_probs_dropout_prob': 0.1}). A dropout
+    of 0 for a model that has no such field leaves the model as it is; any other value is an error."""
     wanted = {key: getattr(config, key) for key in DROPOUT_FIELDS if getattr(config, key) is not None}
     if not wanted:
-        return {}
+        return {}, {}
     from transformers import AutoConfig
 
     backbone_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
-    settings = {}
+    settings, own = {}, {}
     for key, value in wanted.items():
         names = [name for name in DROPOUT_FIELDS[key] if isinstance(getattr(backbone_config, name, None), (int, float))]
+        if not names and value == 0:
+            continue  # nothing to switch off
         if not names:
             raise ModelError(
                 f"model.{key}: {config.name_or_path} ({backbone_config.model_type}) has no such dropout "
-                f"(its config has none of {', '.join(DROPOUT_FIELDS[key])}); leave it null"
+                f"(its config has none of {', '.join(DROPOUT_FIELDS[key])}); set it to 0 or null"
             )
         settings[names[0]] = value
-    return settings
+        own[names[0]] = getattr(backbone_config, names[0])
+    return settings, own
+
+
+@contextmanager
+def own_dropouts(backbone: torch.nn.Module):
+    """The model's own dropouts in the backbone's config while it is saved: the recipe's
+    dropouts are a training setting, not part of the model, so a checkpoint or an exported
+    folder trained with `attention_dropout: 0` still says 0.1 for BERT."""
+    from trainer.model.lora import is_lora
+
+    base = backbone.get_base_model() if is_lora(backbone) else backbone
+    own = getattr(base, OWN_DROPOUTS, {})
+    live = {name: getattr(base.config, name) for name in own}
+    for name, value in own.items():
+        setattr(base.config, name, value)
+    try:
+        yield
+    finally:
+        for name, value in live.items():
+            setattr(base.config, name, value)
 
 
 def _load_backbone(path: str, config: ModelConfig) -> torch.nn.Module:
@@ -387,7 +416,8 @@ def _load_backbone(path: str, config: ModelConfig) -> torch.nn.Module:
     kernel = attention_kernel(config.attn_implementation)
     if kernel is not None:
         options["attn_implementation"] = kernel
-    options.update(dropout_settings(path, config))  # config fields, checked to exist above
+    dropouts, own = dropout_settings(path, config)
+    options.update(dropouts)  # config fields, checked to exist above
     try:
         try:
             backbone, info = AutoModel.from_pretrained(path, add_pooling_layer=False, **options)
@@ -395,6 +425,7 @@ def _load_backbone(path: str, config: ModelConfig) -> torch.nn.Module:
             backbone, info = AutoModel.from_pretrained(path, **options)
     finally:
         hf_logging.set_verbosity(verbosity)
+    setattr(backbone, OWN_DROPOUTS, own)
     missing = list(info.get("missing_keys") or [])
     unused = [k for k in info.get("unexpected_keys") or [] if not k.startswith("pooler.")]
     if missing or unused:
@@ -693,7 +724,8 @@ class Encoder(torch.nn.Module):
         settings = {k: v for k, v in asdict(self.config).items() if k not in NOT_SAVED}
         settings.update(layers=None, num_layers=None)  # the saved backbone holds only the kept layers
         if is_lora(self.backbone):  # the adapter only, and where its base comes from
-            save_adapter(self.backbone, folder, state_dict)
+            with own_dropouts(self.backbone):
+                save_adapter(self.backbone, folder, state_dict)
             name = self.config.name_or_path
             settings[ADAPTER_BASE] = {
                 "name_or_path": str(Path(name).resolve()) if Path(name).exists() else name,
@@ -702,7 +734,8 @@ class Encoder(torch.nn.Module):
             }
             settings["lora"] = None  # loading the folder applies its adapter; it adds no new one
         else:
-            self.backbone.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+            with own_dropouts(self.backbone):
+                self.backbone.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         if isinstance(self.pool, torch.nn.Module):  # latent attention: its trained weights
             from safetensors.torch import save_file
 

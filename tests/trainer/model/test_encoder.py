@@ -59,7 +59,9 @@ def test_the_recipes_dropouts_reach_the_model_and_a_missing_one_is_refused(tiny_
     from conftest import tiny_decoder
     from trainer.model.encoder import ModelError
 
-    own = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16))
+    default = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16))
+    assert default.backbone.config.attention_probs_dropout_prob == 0.0 and default.backbone.config.hidden_dropout_prob == 0.1
+    own = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, attention_dropout=None))
     assert own.backbone.config.attention_probs_dropout_prob == 0.1 and own.backbone.config.hidden_dropout_prob == 0.1
     encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, attention_dropout=0.0, hidden_dropout=0.25))
     assert encoder.backbone.config.attention_probs_dropout_prob == 0.0 and encoder.backbone.config.hidden_dropout_prob == 0.25
@@ -72,10 +74,41 @@ def test_the_recipes_dropouts_reach_the_model_and_a_missing_one_is_refused(tiny_
     torch.testing.assert_close(quiet(features), quiet.eval()(features))
     decoder = tiny_decoder(tmp_path / "qwen2")
     assert Encoder.from_config(ModelConfig(name_or_path=str(decoder), max_seq_length=16, attention_dropout=0.2)).backbone.config.attention_dropout == 0.2
-    with pytest.raises(ModelError, match="hidden_dropout: .* has no such dropout"):
+    with pytest.raises(ModelError, match="hidden_dropout: .* has no such dropout .* set it to 0 or null"):
         Encoder.from_config(ModelConfig(name_or_path=str(decoder), max_seq_length=16, hidden_dropout=0.1))
+    quiet_decoder = Encoder.from_config(ModelConfig(name_or_path=str(decoder), max_seq_length=16, hidden_dropout=0.0))
+    assert not hasattr(quiet_decoder.backbone.config, "hidden_dropout")  # nothing to switch off
     with pytest.raises(FieldError, match="attention_dropout"):
         ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, attention_dropout=1.0)
+
+
+def test_checkpoints_and_exports_keep_the_models_own_dropouts(tiny_model, tmp_path):
+    """The recipe's dropouts are a training setting: config.json keeps the model's own, and
+    loading the folder with its saved settings applies the recipe's again."""
+    import json
+
+    from trainer.config import LoraConfig
+    from trainer.export.sentence_transformers_folder import export
+
+    def saved(folder):
+        config = json.loads((folder / "config.json").read_text())
+        return config["attention_probs_dropout_prob"], config["hidden_dropout_prob"]
+
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, hidden_dropout=0.2))
+    encoder.save_pretrained(tmp_path / "trained")
+    assert saved(tmp_path / "trained") == (0.1, 0.1)
+    live = encoder.backbone.config
+    assert (live.attention_probs_dropout_prob, live.hidden_dropout_prob) == (0.0, 0.2)  # training goes on with the recipe's
+    again = Encoder.from_config(embedding_config(str(tmp_path / "trained")))  # as resume, eval and export load it
+    assert (again.backbone.config.attention_probs_dropout_prob, again.backbone.config.hidden_dropout_prob) == (0.0, 0.2)
+    export(tmp_path / "trained", tmp_path / "st")
+    assert saved(tmp_path / "st") == (0.1, 0.1)
+
+    adapter = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, lora=LoraConfig(rank=2)))
+    adapter.save_pretrained(tmp_path / "adapter")
+    assert saved(tmp_path / "adapter") == (0.1, 0.1)
+    export(tmp_path / "adapter", tmp_path / "merged")
+    assert saved(tmp_path / "merged") == (0.1, 0.1)
 
 
 def widths_seen(encoder: Encoder) -> list[int]:
