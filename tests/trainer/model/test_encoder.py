@@ -145,3 +145,27 @@ def test_encode_never_widens_left_padding(tmp_path):
     assert widths == [39]  # the longest text's length; its bucket (40) would shift positions under left padding
     alone = torch.cat([encoder.encode([t], is_query=False) for t in texts])
     torch.testing.assert_close(got, alone, atol=1e-10, rtol=0)
+
+
+def test_short_rows_in_bf16_on_a_cpu_run_the_unfused_attention_kernel(tiny_model):
+    """There PyTorch's fused kernel is the slower one (README: Speed); float32, wide rows and
+    GPUs keep PyTorch's choice."""
+    from contextlib import nullcontext
+
+    from trainer.model.encoder import UNFUSED_ATTENTION_WIDTH, attention_backend
+
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16)).eval()
+    fused_allowed = []
+    attention = next(m for name, m in encoder.backbone.named_modules() if name.endswith("attention.self"))
+    attention.register_forward_pre_hook(lambda *_: fused_allowed.append(torch.backends.cuda.flash_sdp_enabled()))
+    features = encoder.tokenize(["apple banana cherry", "river"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = encoder(features)
+    in_fp32 = encoder(features)
+    assert fused_allowed == [False, True] and torch.backends.cuda.flash_sdp_enabled()  # restored after the forward
+    torch.testing.assert_close(in_bf16.float(), in_fp32, atol=0.03, rtol=0)
+    cpu = torch.device("cpu")
+    assert not isinstance(attention_backend(UNFUSED_ATTENTION_WIDTH, cpu, torch.bfloat16), nullcontext)
+    assert isinstance(attention_backend(UNFUSED_ATTENTION_WIDTH + 32, cpu, torch.bfloat16), nullcontext)
+    assert isinstance(attention_backend(32, cpu, torch.float32), nullcontext)
+    assert isinstance(attention_backend(32, torch.device("meta"), torch.bfloat16), nullcontext)
