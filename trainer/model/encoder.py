@@ -343,16 +343,18 @@ def attention_kernel(requested: str | None) -> str | None:
 
 
 UNFUSED_ATTENTION_WIDTH = 128
-"""On a CPU in bf16, forwards whose rows are at most this many tokens wide run attention on
-PyTorch's unfused sdpa kernel: there its fused (flash) kernel is the slower one for short rows
-(forward and backward, MiniLM's heads: 2.9x at 32 tokens, 1.04x at 128; 1.1x faster at 160,
-2.1x at 256), while in float32 the fused kernel is faster at every width (README: Speed)."""
+"""On a CPU in bf16, forwards with gradient whose rows are at most this many tokens wide run
+attention on PyTorch's unfused sdpa kernel: there the fused (flash) kernel's backward pass is
+the slow part (MiniLM's heads, forward and backward together: 3.8x slower than the unfused
+kernel at 32 tokens, 1.1x at 128; 2.1x faster at 256). Without gradient (evaluation, mining,
+the cached loss's first pass), and in float32, the fused kernel is faster at every width
+(README: Speed)."""
 
 
 def attention_backend(width: int, device: torch.device, weights: torch.dtype):
     """The sdpa kernel for a forward of rows `width` tokens wide: the unfused one for short rows
-    in bf16 on a CPU (`UNFUSED_ATTENTION_WIDTH`), PyTorch's own choice otherwise."""
-    if device.type != "cpu" or width > UNFUSED_ATTENTION_WIDTH:
+    with gradient in bf16 on a CPU (`UNFUSED_ATTENTION_WIDTH`), PyTorch's own choice otherwise."""
+    if device.type != "cpu" or width > UNFUSED_ATTENTION_WIDTH or not torch.is_grad_enabled():
         return nullcontext()
     try:
         autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
