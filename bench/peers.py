@@ -380,6 +380,8 @@ def race(args: argparse.Namespace, data: str) -> dict[str, dict]:
 
 
 def header(args: argparse.Namespace) -> dict:
+    measured = getattr(args, "measured", [])
+    measured = f" ({' and '.join(measured)} measured: the best 2048 x 2048 matrix product)" if measured else ""
     import sentence_transformers
     import torch
     import transformers
@@ -396,7 +398,7 @@ def header(args: argparse.Namespace) -> dict:
         f"sentence-transformers {sentence_transformers.__version__}",
         "settings": f"model {MODEL}, batch {args.batch_size}, {args.negatives} hard negatives, max_seq_length "
         f"{args.max_seq_length}, chunk {args.chunk_size}, fp32 (but -bf16), the model's dropouts (but embtrain's attention dropout 0, except -dropout), {args.warmup} warm-up + {args.steps} steps, "
-        f"allocator {args.allocator}, peak TFLOP/s for MFU{' (measured: the best 2048 x 2048 matrix product)' if args.measure_peak else ''}: "
+        f"allocator {args.allocator}, peak TFLOP/s for MFU{measured}: "
         f"fp32 {args.peak_tflops_fp32 or 'not given'}, bf16 {args.peak_tflops_bf16 or 'not given'}",
     }
 
@@ -456,9 +458,12 @@ def main() -> None:
         data, name = args.child.split(":")
         memory_child(args, data, name)
         return
+    args.measured = []
     if args.measure_peak:
-        args.peak_tflops_fp32 = args.peak_tflops_fp32 or round(matmul_tflops("fp32"), 4)
-        args.peak_tflops_bf16 = args.peak_tflops_bf16 or round(matmul_tflops("bf16"), 4)
+        for precision in ("fp32", "bf16"):
+            if not getattr(args, f"peak_tflops_{precision}"):
+                setattr(args, f"peak_tflops_{precision}", round(matmul_tflops(precision), 4))
+                args.measured.append(precision)
     info = header(args)
     for key, value in info.items():
         print(f"{key}: {value}")

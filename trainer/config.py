@@ -130,9 +130,9 @@ class ModelConfig:
     (NV-Embed, LLM2Vec); saved with the model and reproduced by the exported folder."""
     attention_dropout: float | None = 0.0
     """Dropout on the attention probabilities in training (BERT's attention_probs_dropout_prob, a
-    decoder's attention_dropout); null: the model's own (0.1 for BERT-like encoders). Any
-    attention dropout keeps PyTorch's sdpa off its fused kernel, so the default 0 makes a MiniLM
-    step 1.26x faster on a CPU with half the activation memory, at the same quality (README:
+    decoder's attention_dropout); null: the model's own (0.1 for BERT-like encoders). On a CPU,
+    any attention dropout keeps PyTorch's sdpa off its fused kernel, so the default 0 makes a
+    MiniLM step 1.26x faster in float32 in about half the memory, at the same quality (README:
     Speed); a model without such a dropout is left as it is. Checkpoints and exported models keep
     the model's own value in their config.json."""
     hidden_dropout: float | None = None

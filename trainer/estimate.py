@@ -109,7 +109,7 @@ def _fake_backbone(model_config, num_layers: int | None = None):
     from trainer.model.encoder import attention_kernel, dropout_settings, keep_first_layers, keep_layers, read_backbone_config
 
     path, config = read_backbone_config(model_config)
-    for name, value in dropout_settings(path, model_config)[0].items():
+    for name, value in dropout_settings(path, model_config, config)[0].items():  # config: an exported adapter's base
         setattr(config, name, value)
     options = {"trust_remote_code": model_config.trust_remote_code}
     kernel = attention_kernel(model_config.attn_implementation) if model_config.attn_implementation != "flash_attention_2" else "sdpa"
@@ -153,13 +153,16 @@ def _default_dtype(dtype: torch.dtype):
 
 
 def saved_activation_bytes(
-    backbone, rows: int, length: int, autocast: torch.dtype | None, grad: bool = True, recompute: bool = False
+    backbone, rows: int, length: int, autocast: torch.dtype | None, grad: bool = True, recompute: bool = False,
+    cpu_training: bool = False,
 ) -> int:
     """Bytes autograd keeps for the backward pass of one forward over (rows, length) tokens,
     parameters excluded (under FakeTensorMode: `backbone` is fake). `recompute`: activation
-    outputs are not kept (model.recompute_activations)."""
+    outputs are not kept (model.recompute_activations). `cpu_training`: a training forward on a
+    CPU, which picks the attention kernel as the encoder does (`attention_backend`)."""
     if rows == 0:
         return 0
+    from trainer.model.encoder import attention_backend
     from trainer.model.recompute import ActivationRecompute
 
     parameters = {id(p.untyped_storage()) for p in backbone.parameters()}
@@ -177,7 +180,9 @@ def saved_activation_bytes(
     recording = recomputed.recording() if recomputed is not None else contextlib.nullcontext()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context, torch.set_grad_enabled(grad), recording:
-            backbone(input_ids=ids, attention_mask=mask)
+            weights = next(backbone.parameters()).dtype
+            with attention_backend(length, torch.device("cpu"), weights, cpu_training):
+                backbone(input_ids=ids, attention_mask=mask)
     finally:
         if recomputed is not None:
             recomputed.remove()
@@ -218,14 +223,15 @@ def estimate(recipe: Recipe, *, world_size: int = 1, zero_stage: int = 0, device
         documents = shape.batch_size * shape.documents_per_query
         layers = getattr(config, "num_hidden_layers", 1) or 1
         recompute = model_config.recompute_activations and not checkpointing
+        kernel = {"cpu_training": device_type == "cpu" and not checkpointing}  # the encoder's attention kernel
         if shape.chunk_size is None:
             columns = [(shape.batch_size, length), (documents, length)]
-            full = sum(saved_activation_bytes(backbone, rows, cols, autocast, recompute=recompute) for rows, cols in columns)
+            full = sum(saved_activation_bytes(backbone, rows, cols, autocast, recompute=recompute, **kernel) for rows, cols in columns)
             biggest = max(columns)
         else:  # one chunk at a time, the longest texts being the worst chunk
             biggest = (min(shape.chunk_size, max(shape.batch_size, documents)), length)
-            full = saved_activation_bytes(backbone, *biggest, autocast, recompute=recompute)
-        one_layer = _per_layer(config, model_config, biggest, autocast)
+            full = saved_activation_bytes(backbone, *biggest, autocast, recompute=recompute, **kernel)
+        one_layer = _per_layer(config, model_config, biggest, autocast, **kernel)
         if checkpointing:
             hidden = getattr(config, "hidden_size", 0)
             element = 2 if autocast is not None else DTYPE_BYTES.get(str(next(iter(parameters)).dtype).removeprefix("torch."), 4)
@@ -253,16 +259,17 @@ def estimate(recipe: Recipe, *, world_size: int = 1, zero_stage: int = 0, device
     return Estimate(weights, gradients, optimizer, activations, frozen, baseline, total, trainable_count, notes)
 
 
-def _per_layer(config, model_config, shape: tuple[int, int], autocast) -> int:
+def _per_layer(config, model_config, shape: tuple[int, int], autocast, cpu_training: bool = False) -> int:
     """One transformer layer's saved activations for `shape`: the difference between the backbone
     cut to two layers and to one."""
     one, _ = _fake_backbone(model_config, num_layers=1)
     if (getattr(config, "num_hidden_layers", 1) or 1) < 2:
         one.train()
-        return saved_activation_bytes(one, *shape, autocast)
+        return saved_activation_bytes(one, *shape, autocast, cpu_training=cpu_training)
     two, _ = _fake_backbone(model_config, num_layers=2)
     one.train(), two.train()
-    return max(0, saved_activation_bytes(two, *shape, autocast) - saved_activation_bytes(one, *shape, autocast))
+    return max(0, saved_activation_bytes(two, *shape, autocast, cpu_training=cpu_training)
+               - saved_activation_bytes(one, *shape, autocast, cpu_training=cpu_training))
 
 
 def _frozen_weight_bytes(recipe: Recipe) -> int:

@@ -23,7 +23,7 @@ def test_peers_steps_every_kind_of_contestant_on_short_texts(tmp_path):
     results = report["results"]["snli"]
     assert set(results) == {"embtrain", "embtrain-dropout", "embtrain-nopack", "embtrain-cached", "st-mnrl", "bare"}
     bf16_peak = float(report["settings"].split("bf16 ")[-1])  # measured: no bf16 peak was given
-    assert "measured" in report["settings"] and "fp32 0.5," in report["settings"] and bf16_peak > 0
+    assert "(bf16 measured" in report["settings"] and "fp32 0.5," in report["settings"] and bf16_peak > 0
     for name, result in results.items():
         assert result["seconds_per_step"] > 0 and result["peak_rss_mib"] > 0 and result["tokens_per_s"] > 0, name
         assert result["mfu"] == result["model_tflops_per_s"] / 0.5  # --peak-tflops-fp32 0.5

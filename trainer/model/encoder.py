@@ -343,18 +343,20 @@ def attention_kernel(requested: str | None) -> str | None:
 
 
 UNFUSED_ATTENTION_WIDTH = 128
-"""On a CPU in bf16, forwards with gradient whose rows are at most this many tokens wide run
+"""On a CPU in bf16, training forwards whose rows are at most this many tokens wide run
 attention on PyTorch's unfused sdpa kernel: there the fused (flash) kernel's backward pass is
 the slow part (MiniLM's heads, forward and backward together: 3.8x slower than the unfused
-kernel at 32 tokens, 1.1x at 128; 2.1x faster at 256). Without gradient (evaluation, mining,
-the cached loss's first pass), and in float32, the fused kernel is faster at every width
-(README: Speed)."""
+kernel at 32 tokens, 1.1x at 128; 2.1x faster at 256). In evaluation and mining (no backward
+pass), and in float32, the fused kernel is faster at every width (README: Speed)."""
 
 
-def attention_backend(width: int, device: torch.device, weights: torch.dtype):
+def attention_backend(width: int, device: torch.device, weights: torch.dtype, training: bool):
     """The sdpa kernel for a forward of rows `width` tokens wide: the unfused one for short rows
-    with gradient in bf16 on a CPU (`UNFUSED_ATTENTION_WIDTH`), PyTorch's own choice otherwise."""
-    if device.type != "cpu" or width > UNFUSED_ATTENTION_WIDTH or not torch.is_grad_enabled():
+    of a training forward in bf16 on a CPU (`UNFUSED_ATTENTION_WIDTH`), PyTorch's own choice
+    otherwise. `training`: the encoder trains, without gradient checkpointing (whose layers run
+    again in the backward pass, outside this context, and must save what the forward saved);
+    both passes of the cached loss are training forwards, so they embed alike."""
+    if device.type != "cpu" or width > UNFUSED_ATTENTION_WIDTH or not training:
         return nullcontext()
     try:
         autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
@@ -381,16 +383,18 @@ OWN_DROPOUTS = "embtrain_own_dropouts"
 dropouts changed, written back into config.json when it is saved (`own_dropouts`)."""
 
 
-def dropout_settings(path: str, config: ModelConfig) -> tuple[dict[str, float], dict[str, float]]:
+def dropout_settings(path: str, config: ModelConfig, backbone_config=None) -> tuple[dict[str, float], dict[str, float]]:
     """The backbone config fields the recipe's dropouts set, e.g. {'attention_probs_dropout_prob': 0.0},
-    and the model's own values of those fields ({'attention_probs_dropout_prob': 0.1}). A dropout
-    of 0 for a model that has no such field leaves the model as it is; any other value is an error."""
+    and the model's own values of those fields ({'attention_probs_dropout_prob': 0.1}), read from
+    `backbone_config` or else `path`'s config.json. A dropout of 0 for a model that has no such
+    field leaves the model as it is; any other value is an error."""
     wanted = {key: getattr(config, key) for key in DROPOUT_FIELDS if getattr(config, key) is not None}
     if not wanted:
         return {}, {}
-    from transformers import AutoConfig
+    if backbone_config is None:
+        from transformers import AutoConfig
 
-    backbone_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+        backbone_config = AutoConfig.from_pretrained(path, trust_remote_code=config.trust_remote_code)
     settings, own = {}, {}
     for key, value in wanted.items():
         names = [name for name in DROPOUT_FIELDS[key] if isinstance(getattr(backbone_config, name, None), (int, float))]
@@ -673,7 +677,8 @@ class Encoder(torch.nn.Module):
         else:
             inputs = {k: v for k, v in features.items() if k != PROMPT_LENGTH}
         mask = inputs["attention_mask"]  # (B, L), or packed: (R, 1, W, W)
-        kernel = attention_backend(mask.shape[-1], mask.device, next(self.backbone.parameters()).dtype)
+        training = self.training and not self.config.gradient_checkpointing
+        kernel = attention_backend(mask.shape[-1], mask.device, next(self.backbone.parameters()).dtype, training)
         with kernel, nullcontext() if self.recompute is None else self.recompute.training():
             output = self.backbone(**inputs, **({"output_hidden_states": True} if layers else {}))
         mask = features["attention_mask"] if prompt_length is None else without_prompt(features["attention_mask"], prompt_length)

@@ -148,26 +148,39 @@ def test_encode_never_widens_left_padding(tmp_path):
 
 
 def test_short_rows_in_bf16_on_a_cpu_run_the_unfused_attention_kernel(tiny_model):
-    """With gradient, there PyTorch's fused kernel is the slower one (README: Speed); float32,
-    wide rows, forwards without gradient and GPUs keep PyTorch's choice."""
+    """In training, there PyTorch's fused kernel is the slower one (README: Speed); float32,
+    wide rows, evaluation and GPUs keep PyTorch's choice."""
     from contextlib import nullcontext
 
     from trainer.model.encoder import UNFUSED_ATTENTION_WIDTH, attention_backend
 
-    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16)).eval()
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16)).train()
     fused_allowed = []
     attention = next(m for name, m in encoder.backbone.named_modules() if name.endswith("attention.self"))
     attention.register_forward_pre_hook(lambda *_: fused_allowed.append(torch.backends.cuda.flash_sdp_enabled()))
     features = encoder.tokenize(["apple banana cherry", "river"])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        in_bf16 = encoder(features)
-        with torch.no_grad():  # no backward pass: the fused kernel is the faster one
+        with torch.no_grad():  # a training forward, as the cached loss's first pass: the same kernel as with gradient
             encoder(features)
+        encoder(features)
+        in_bf16 = encoder.eval()(features)  # evaluation, mining: no backward pass, the fused kernel is faster
     in_fp32 = encoder(features)
-    assert fused_allowed == [False, True, True] and torch.backends.cuda.flash_sdp_enabled()  # restored after the forward
+    assert fused_allowed == [False, False, True, True] and torch.backends.cuda.flash_sdp_enabled()  # restored after
     torch.testing.assert_close(in_bf16.float(), in_fp32, atol=0.03, rtol=0)
     cpu = torch.device("cpu")
-    assert not isinstance(attention_backend(UNFUSED_ATTENTION_WIDTH, cpu, torch.bfloat16), nullcontext)
-    assert isinstance(attention_backend(UNFUSED_ATTENTION_WIDTH + 32, cpu, torch.bfloat16), nullcontext)
-    assert isinstance(attention_backend(32, cpu, torch.float32), nullcontext)
-    assert isinstance(attention_backend(32, torch.device("meta"), torch.bfloat16), nullcontext)
+    assert not isinstance(attention_backend(UNFUSED_ATTENTION_WIDTH, cpu, torch.bfloat16, True), nullcontext)
+    assert isinstance(attention_backend(UNFUSED_ATTENTION_WIDTH + 32, cpu, torch.bfloat16, True), nullcontext)
+    assert isinstance(attention_backend(32, cpu, torch.float32, True), nullcontext)
+    assert isinstance(attention_backend(32, cpu, torch.bfloat16, False), nullcontext)
+    assert isinstance(attention_backend(32, torch.device("meta"), torch.bfloat16, True), nullcontext)
+
+
+def test_gradient_checkpointing_in_bf16_keeps_the_kernel_its_layers_run_again_with(tiny_model):
+    """Checkpointed layers run again in the backward pass, outside the forward's kernel choice:
+    the forward keeps PyTorch's choice, so both save alike."""
+    encoder = Encoder.from_config(ModelConfig(name_or_path=str(tiny_model), max_seq_length=16, gradient_checkpointing=True)).train()
+    features = encoder.tokenize(["apple banana cherry", "river"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        embeddings = encoder(features)
+    embeddings.float().sum().backward()
+    assert all(p.grad is not None for p in encoder.parameters() if p.requires_grad)
