@@ -670,15 +670,16 @@ class Encoder(torch.nn.Module):
         layers (0: the token embeddings), for 2D Matryoshka losses."""
         prompt_length = features.get(PROMPT_LENGTH)
         packed = is_packed(features)
+        weights = next(self.backbone.parameters()).dtype
         if packed:  # several texts per row (`packing`): each text's states are gathered back below
             if self.packing is None:
                 raise RuntimeError("a packed chunk reached an encoder whose packing support was not found (find_packing)")
-            inputs = backbone_inputs(features, self.packing, next(self.backbone.parameters()).dtype)
+            inputs = backbone_inputs(features, self.packing, weights)
         else:
             inputs = {k: v for k, v in features.items() if k != PROMPT_LENGTH}
-        mask = inputs["attention_mask"]  # (B, L), or packed: (R, 1, W, W)
+        rows = inputs["attention_mask"]  # (B, L), or packed: (R, 1, W, W)
         training = self.training and not self.config.gradient_checkpointing
-        kernel = attention_backend(mask.shape[-1], mask.device, next(self.backbone.parameters()).dtype, training)
+        kernel = attention_backend(rows.shape[-1], rows.device, weights, training)
         with kernel, nullcontext() if self.recompute is None else self.recompute.training():
             output = self.backbone(**inputs, **({"output_hidden_states": True} if layers else {}))
         mask = features["attention_mask"] if prompt_length is None else without_prompt(features["attention_mask"], prompt_length)
